@@ -1,0 +1,392 @@
+"""One typed, frozen config tree: the single source of truth for every job.
+
+A `Config` is built from a named preset (`ecar.presets`) plus dotted overrides
+(`train.lr=3e-4`, `flow.steps_per_stage=[8,8,8]`), validated as a whole, saved with every
+checkpoint and logged to MLflow as flattened params. Unknown keys and invalid values raise
+`ConfigError` naming the key, before any cluster resource is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The networks. `kind="ecar"`: AR transformer + multistage flow; `kind="dit"`: flow-DiT."""
+
+    kind: Literal["ecar", "dit"] = "ecar"
+    latent_channels: int = 4
+    latent_size: int = 16
+    num_classes: int = 10
+    width: int = 384
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+    ar_depth: int = 6  # E-CAR only: the condition generator
+    flow_depth: int = 6  # E-CAR: the shared flow transformer; DiT: the whole network
+    # How the AR condition z_s enters the flow transformer (FlowAR's ablation favours spatial adaLN).
+    condition_injection: Literal["spatial_adaln", "additive", "cross_attention"] = "spatial_adaln"
+    # What the AR sees of the previous stage at sampling: the clean estimate of M_{s-1}
+    # recovered from the flow's final state and velocity, or that noisy end state itself.
+    ar_next_input: Literal["clean_estimate", "noisy_end"] = "clean_estimate"
+    class_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    """Stage geometry and time windows (signal time t: 0 = noise, 1 = data)."""
+
+    grids: tuple[int, ...] = (4, 8, 16)
+    # Custom window edges e_0=0 < e_1 < ... < e_S=1 (S+1 values); None = even split.
+    window_edges: tuple[float, ...] | None = None
+    # Pyramidal Flow's rule b_s = 2 a_{s+1} / (1 + a_{s+1}), so that up-and-re-noise lands
+    # exactly on the next stage's training start distribution.
+    renoise_correction: bool = True
+    # FlowAR-like ablation: every stage denoises from pure noise over [0, 1].
+    full_window: bool = False
+    # Per-stage weights of the flow loss; None = equal.
+    loss_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Flow-matching training and the Euler schedule."""
+
+    steps_per_stage: tuple[int, ...] = (10, 10, 10)
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Classifier-free guidance and batch sampling."""
+
+    cfg_scale: float = 1.5
+    # "constant": the same scale at every stage; "linear": ramps from 1 at stage 1 to
+    # cfg_scale at stage S (guidance matters most where detail is generated).
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    # Guidance is applied only while the global time t lies in [low, high].
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    batch_size: int = 64
+    num_images: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20000
+    global_batch_size: int = 256
+    micro_batch_size: int = 128
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 500
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    log_every: int = 50
+    sample_every: int = 2000
+    checkpoint_every: int = 1000
+    num_to_keep: int = 2
+    max_failures: int = 0
+    nonfinite_loss: Literal["raise", "skip"] = "raise"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["fashion_mnist", "image_folder", "parquet"] = "fashion_mnist"
+    source_uri: str = ""
+    image_size: int = 32
+    image_channels: int = 1
+    manifest_uri: str = ""
+    shuffle_buffer_rows: int = 4096
+    shard_rows: int = 4096
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = "outputs"  # a local path or s3://bucket/prefix
+    endpoint_url: str = ""  # empty: the standard AWS environment decides
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = ""  # empty: an absolute sqlite:// store under the storage root
+    experiment_name: str = "ecar"
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ----- conversion -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _build(cls, data, prefix="")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_text(cls, text: str) -> "Config":
+        """Parse JSON or YAML (JSON is a subset of YAML)."""
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config text must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_text(Path(path).read_text())
+
+    def save(self, path: str | Path) -> None:
+        text = self.to_yaml() if str(path).endswith((".yaml", ".yml")) else self.to_json()
+        Path(path).write_text(text)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. for MLflow params."""
+        return _flatten(self.to_dict())
+
+    def override(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """Apply `key=value` strings (values parsed as YAML) or a {dotted key: value} dict."""
+        if isinstance(overrides, dict):
+            pairs = list(overrides.items())
+        else:
+            pairs = [_split_override(item) for item in overrides]
+        data = self.to_dict()
+        for key, value in pairs:
+            _set_dotted(data, key, value)
+        return Config.from_dict(data)
+
+
+# ----- building from plain data, with key-naming errors -------------------------------------
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (known keys under {where}: "
+            f"{', '.join(sorted(known))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _coerce(options[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint!r}")  # pragma: no cover
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=3e-4)")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: cannot parse value {text!r}: {error}") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "3e-4" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown config key {'.'.join(parts[: depth + 1])}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key {key}")
+    node[parts[-1]] = value
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ----- validation ---------------------------------------------------------------------------
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks; each failure names the offending key."""
+    model, stages, flow, sampling, train = (
+        config.model, config.stages, config.flow, config.sampling, config.train
+    )
+    for key in ("latent_channels", "latent_size", "num_classes", "width", "heads", "patch_size"):
+        _check(getattr(model, key) > 0, f"model.{key}", "must be positive")
+    _check(model.width % model.heads == 0, "model.width", f"{model.width} is not divisible by model.heads={model.heads}")
+    _check(model.flow_depth > 0, "model.flow_depth", "must be positive")
+    _check(model.ar_depth > 0 or model.kind == "dit", "model.ar_depth", "must be positive for E-CAR")
+    _check(0.0 <= model.class_dropout < 1.0, "model.class_dropout", "must lie in [0, 1)")
+    _check(model.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
+
+    grids = stages.grids
+    _check(len(grids) >= 1, "stages.grids", "needs at least one stage")
+    _check(all(b > a for a, b in zip(grids, grids[1:])), "stages.grids", f"{list(grids)} must be strictly increasing")
+    _check(grids[-1] == model.latent_size, "stages.grids", f"last grid {grids[-1]} must equal model.latent_size={model.latent_size}")
+    for i, (coarse, fine) in enumerate(zip(grids, grids[1:])):
+        _check(fine % coarse == 0, f"stages.grids[{i + 1}]", f"grid {fine} is not a whole multiple of the previous grid {coarse} (up-sampling repeats whole blocks)")
+    for i, g in enumerate(grids):
+        _check(model.latent_size % g == 0, f"stages.grids[{i}]", f"grid {g} does not divide the latent size {model.latent_size}")
+        _check(g % model.patch_size == 0, f"stages.grids[{i}]", f"grid {g} is not divisible by model.patch_size={model.patch_size}")
+    if model.kind == "dit":
+        _check(len(grids) == 1, "stages.grids", "a flow-DiT has one stage: the full latent")
+    if stages.window_edges is not None:
+        edges = stages.window_edges
+        _check(len(edges) == len(grids) + 1, "stages.window_edges", f"needs {len(grids) + 1} edges for {len(grids)} stages, got {len(edges)}")
+        _check(all(0.0 <= e <= 1.0 for e in edges), "stages.window_edges", f"{list(edges)} has values outside [0, 1]")
+        _check(edges[0] == 0.0 and edges[-1] == 1.0, "stages.window_edges", "must start at 0 and end at 1")
+        _check(all(b > a for a, b in zip(edges, edges[1:])), "stages.window_edges", f"{list(edges)} must be strictly increasing")
+    if stages.loss_weights is not None:
+        _check(len(stages.loss_weights) == len(grids), "stages.loss_weights", f"needs one weight per stage ({len(grids)})")
+        _check(all(w >= 0 for w in stages.loss_weights) and sum(stages.loss_weights) > 0, "stages.loss_weights", "must be non-negative with a positive sum")
+
+    _check(len(flow.steps_per_stage) == len(grids), "flow.steps_per_stage", f"needs one step count per stage ({len(grids)}), got {list(flow.steps_per_stage)}")
+    _check(all(k >= 1 for k in flow.steps_per_stage), "flow.steps_per_stage", "every stage needs at least one step")
+    _check(flow.logit_normal_std > 0, "flow.logit_normal_std", "must be positive")
+
+    _check(sampling.cfg_scale >= 0, "sampling.cfg_scale", "must be non-negative")
+    low, high = sampling.guidance_interval
+    _check(0.0 <= low <= high <= 1.0, "sampling.guidance_interval", f"{[low, high]} must satisfy 0 <= low <= high <= 1")
+    _check(sampling.batch_size > 0, "sampling.batch_size", "must be positive")
+    _check(sampling.num_images > 0, "sampling.num_images", "must be positive")
+
+    _check(train.steps > 0, "train.steps", "must be positive")
+    _check(train.lr > 0, "train.lr", "must be positive")
+    _check(0 <= train.min_lr <= train.lr, "train.min_lr", "must lie in [0, train.lr]")
+    _check(train.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{train.zero_stage} is not a ZeRO stage (0-3)")
+    _check(0.0 <= train.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
+    _check(train.num_workers >= 1, "train.num_workers", "must be at least 1")
+    _check(train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+    per_step = train.micro_batch_size * train.num_workers
+    _check(
+        train.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        f"{train.global_batch_size} is not micro_batch_size ({train.micro_batch_size}) x "
+        f"num_workers ({train.num_workers}) x a whole number of accumulation steps",
+    )
+    _check(train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
+    for key in ("log_every", "sample_every", "checkpoint_every", "num_to_keep"):
+        _check(getattr(train, key) >= 1, f"train.{key}", "must be at least 1")
+    _check(train.max_failures >= -1, "train.max_failures", "must be -1 (unlimited) or more")
+
+    _check(config.data.image_size > 0, "data.image_size", "must be positive")
+    _check(config.data.image_channels in (1, 3), "data.image_channels", "must be 1 or 3")
+
+
+def gradient_accumulation_steps(train: TrainConfig) -> int:
+    return train.global_batch_size // (train.micro_batch_size * train.num_workers)
