@@ -9,9 +9,28 @@ along a straight line, so the velocity target is `end - start` and the global ti
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def gaussian(
+    shape: tuple[int, ...],
+    generator: Generators = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise. With one generator per sample, row i is drawn from generator i
+    alone, so an image depends on its own seed and not on which batch it was sampled in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
 
 
 def downsample(latents_BCHW: torch.Tensor, grid: int) -> torch.Tensor:
@@ -89,7 +108,7 @@ def block_noise(
     shape: tuple[int, ...],
     block: int,
     correlation: float,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -104,7 +123,7 @@ def block_noise(
     floor = -1.0 / (cells - 1) if cells > 1 else 0.0
     if correlation < floor - 1e-9 or correlation > 1.0:
         raise ValueError(f"block correlation {correlation} outside [{floor:.4f}, 1] for {block}x{block} blocks")
-    eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    eps = gaussian(shape, generator, device, dtype)
     if cells == 1:
         return eps
     tiles = eps.view(batch, channels, height // block, block, width // block, block)
@@ -145,7 +164,7 @@ def upsample_and_renoise(
     grid: int,
     previous_end: float,
     next_start: float,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Move a stage's end state (time b) to the next stage's start state (time a) at `grid`."""
     factor = grid // end_state_BCHW.shape[-1]
