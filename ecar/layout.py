@@ -72,8 +72,9 @@ class StageLayout:
     @cached_property
     def stage_of_token(self) -> torch.Tensor:
         """(L,) long: the stage index of every token of the full AR sequence."""
+        # Built on the CPU explicitly, also under a `torch.device("meta")` context.
         return torch.repeat_interleave(
-            torch.arange(self.num_stages), torch.tensor(self.token_counts)
+            torch.arange(self.num_stages, device="cpu"), torch.tensor(self.token_counts, device="cpu")
         )
 
     @cached_property

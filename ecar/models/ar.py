@@ -43,7 +43,8 @@ class ARTransformer(nn.Module):
         self.out_proj = nn.Linear(width, width)
         positions = [sincos_embedding_2d(width, n, layout.token_grids[-1]) for n in layout.token_grids]
         self.register_buffer("positions", torch.cat(positions), persistent=False)
-        self.register_buffer("mask", layout.block_causal_mask, persistent=False)
+        device = self.class_embed.weight.device  # the layout builds its mask on the CPU
+        self.register_buffer("mask", layout.block_causal_mask.to(device), persistent=False)
         initialize(self)
 
     def stage_tokens(self, stage: int, labels_B: torch.Tensor, previous_BCHW: torch.Tensor | None) -> torch.Tensor:
@@ -57,7 +58,8 @@ class ARTransformer(nn.Module):
             p = layout.patch_size
             patches = rearrange(up, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
             tokens = self.input_proj(patches)
-        return tokens + self.positions[span] + self.stage_embed.weight[stage]
+        stage_1 = torch.full((1,), stage, dtype=torch.long, device=labels_B.device)
+        return tokens + self.positions[span] + self.stage_embed(stage_1)
 
     def forward(self, labels_B: torch.Tensor, maps: list[torch.Tensor], num_stages: int | None = None) -> torch.Tensor:
         """Teacher-forced pass over the first `num_stages` stages (all by default).

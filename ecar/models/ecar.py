@@ -78,7 +78,8 @@ class ECAR(ClassConditional):
     def stage_velocity(
         self, stage: int, x_BCHW: torch.Tensor, t_B: torch.Tensor, condition: FlowCondition
     ) -> torch.Tensor:
-        stage_BD = self.flow_stage_embed.weight[stage].expand(x_BCHW.shape[0], -1)
+        stage_B = torch.full((x_BCHW.shape[0],), stage, dtype=torch.long, device=x_BCHW.device)
+        stage_BD = self.flow_stage_embed(stage_B)
         return self.flow(x_BCHW, t_B, stage_BD, condition)
 
     def loss(
