@@ -169,8 +169,11 @@ class Config:
 
     @classmethod
     def from_text(cls, text: str) -> "Config":
-        """Parse JSON or YAML (JSON is a subset of YAML)."""
-        data = yaml.safe_load(text)
+        """Parse JSON, else YAML (PyYAML's YAML 1.1 would read JSON's 3e-05 as a string)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise ConfigError(f"config text must be a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -338,11 +341,11 @@ def validate(config: Config) -> None:
     _check(len(grids) >= 1, "stages.grids", "needs at least one stage")
     _check(all(b > a for a, b in zip(grids, grids[1:])), "stages.grids", f"{list(grids)} must be strictly increasing")
     _check(grids[-1] == model.latent_size, "stages.grids", f"last grid {grids[-1]} must equal model.latent_size={model.latent_size}")
-    for i, (coarse, fine) in enumerate(zip(grids, grids[1:])):
-        _check(fine % coarse == 0, f"stages.grids[{i + 1}]", f"grid {fine} is not a whole multiple of the previous grid {coarse} (up-sampling repeats whole blocks)")
     for i, g in enumerate(grids):
         _check(model.latent_size % g == 0, f"stages.grids[{i}]", f"grid {g} does not divide the latent size {model.latent_size}")
         _check(g % model.patch_size == 0, f"stages.grids[{i}]", f"grid {g} is not divisible by model.patch_size={model.patch_size}")
+    for i, (coarse, fine) in enumerate(zip(grids, grids[1:])):
+        _check(fine % coarse == 0, f"stages.grids[{i + 1}]", f"grid {fine} is not a whole multiple of the previous grid {coarse} (up-sampling repeats whole blocks)")
     if model.kind == "dit":
         _check(len(grids) == 1, "stages.grids", "a flow-DiT has one stage: the full latent")
     if stages.window_edges is not None:
