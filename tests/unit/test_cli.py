@@ -1,0 +1,33 @@
+import subprocess
+import sys
+
+import pytest
+
+from ecar.cli import build_parser, main
+
+pytestmark = pytest.mark.unit
+
+
+def test_help_has_an_example_for_every_builtin_command():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public API
+    for name in ("flops", "presets", "config"):
+        assert "example:" in commands[name].format_help()
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "ecar.cli", "flops", "ecar-debug", "train.nope=1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown config key train.nope" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_preset_is_a_user_error(capsys):
+    assert main(["config", "no-such-preset"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_config_prints_overrides(capsys):
+    assert main(["config", "ecar-debug", "train.lr=0.5", "--json"]) == 0
+    assert '"lr": 0.5' in capsys.readouterr().out
