@@ -1,0 +1,89 @@
+"""The cluster configs validate, and they name jobs and presets that exist, not hyperparameters."""
+
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from ecar.presets import PRESETS
+
+pytestmark = pytest.mark.unit
+
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+REPO = CLUSTER.parent
+
+RESOURCES = {"type": "object", "properties": {"requests": {"type": "object"}, "limits": {"type": "object"}},
+             "additionalProperties": False}
+CONTAINER = {
+    "type": "object",
+    "required": ["name", "image", "resources"],
+    "properties": {"name": {"type": "string"}, "image": {"type": "string"}, "resources": RESOURCES,
+                   "env": {"type": "array"}, "ports": {"type": "array"}},
+}
+POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
+    "type": "object", "required": ["containers"],
+    "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}}}
+START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
+CLUSTER_SPEC = {
+    "type": "object",
+    "required": ["headGroupSpec", "workerGroupSpecs"],
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "headGroupSpec": {"type": "object", "required": ["template"],
+                          "properties": {"rayStartParams": START_PARAMS, "template": POD_TEMPLATE}},
+        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["groupName", "template", "minReplicas", "maxReplicas"],
+            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
+                           "minReplicas": {"type": "integer", "minimum": 0},
+                           "maxReplicas": {"type": "integer", "minimum": 1},
+                           "rayStartParams": START_PARAMS, "template": POD_TEMPLATE}}},
+    },
+}
+# The subset of KubeRay's ray.io/v1 CRDs that the manifests use.
+SCHEMAS = {
+    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "spec": CLUSTER_SPEC}},
+    "RayJob": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+               "properties": {"apiVersion": {"const": "ray.io/v1"}, "spec": {
+                   "type": "object", "required": ["entrypoint", "rayClusterSpec"],
+                   "properties": {"entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
+                                  "shutdownAfterJobFinishes": {"type": "boolean"},
+                                  "ttlSecondsAfterFinished": {"type": "integer"},
+                                  "rayClusterSpec": CLUSTER_SPEC}}}},
+}
+
+
+def test_cluster_launcher_config_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((CLUSTER / "aws.yaml").read_text()))
+    validate_config(config)
+    pools = config["available_node_types"]
+    assert {"head", "cpu_pool", "gpu_pool"} <= set(pools)
+    assert any("pip install" in command and "ecar" in command for command in config["setup_commands"])
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-train.yaml"])
+def test_kuberay_manifests_match_the_crd_subset(name):
+    manifest = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+    jsonschema.validate(manifest, SCHEMAS[manifest["kind"]])
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+
+
+def test_entrypoints_name_existing_jobs_and_presets_and_no_hyperparameters():
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-train.yaml").read_text())
+    words = shlex.split(job["spec"]["entrypoint"])
+    module = words[words.index("-m") + 1]
+    assert (REPO / (module.replace(".", "/") + ".py")).exists()
+    assert words[words.index("--preset") + 1] in PRESETS
+    for path in CLUSTER.rglob("*.y*ml"):
+        text = path.read_text()
+        assert not re.search(r"\b(train|model|flow|stages|sampling)\.\w+=", text), path
+        assert "0.0.0.0" not in text, path
