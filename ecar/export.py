@@ -1,0 +1,94 @@
+"""The exported checkpoint: consolidated (EMA) weights for sampling, loadable at any world size.
+
+Layout under one URI (a local folder or s3://bucket/prefix):
+    model.safetensors   the model's state dict (weights only: nothing executes on load)
+    config.json         the full Config the model was built from
+    export.json         latent scale, manifest URI, training step, weights hash, schema version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ecar.config import Config
+from ecar.models import ClassConditional, build_model
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Exported:
+    model: ClassConditional
+    config: Config
+    latent_scale: float
+    manifest_uri: str
+    step: int
+
+
+def _join(uri: str, name: str) -> str:
+    return posixpath.join(uri.rstrip("/"), name)
+
+
+def save_exported(
+    state_dict: dict[str, torch.Tensor],
+    config: Config,
+    uri: str,
+    latent_scale: float,
+    manifest_uri: str = "",
+    step: int = 0,
+) -> str:
+    """Write an exported checkpoint; the metadata file goes last, so its presence means complete."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.makedirs(root, exist_ok=True)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    blob = save_safetensors(tensors)
+    with fs.open(_join(root, "model.safetensors"), "wb") as handle:
+        handle.write(blob)
+    with fs.open(_join(root, "config.json"), "w") as handle:
+        handle.write(config.to_json())
+    metadata = {
+        "schema_version": SCHEMA_VERSION,
+        "latent_scale": float(latent_scale),
+        "manifest_uri": manifest_uri,
+        "step": int(step),
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    with fs.open(_join(root, "export.json"), "w") as handle:
+        handle.write(json.dumps(metadata, indent=2))
+    return uri
+
+
+def read_metadata(uri: str) -> dict[str, Any]:
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = _join(root, "export.json")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no exported checkpoint at {uri} (missing export.json)")
+    metadata = json.loads(fs.cat_file(path))
+    if metadata.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}/export.json: schema version {metadata.get('schema_version')} "
+                         f"is not {SCHEMA_VERSION}")
+    return metadata
+
+
+def load_exported(uri: str, device: torch.device | str = "cpu") -> Exported:
+    """The model (eval mode, on `device`) with its config and latent scale; weights are verified
+    against the recorded hash so a truncated upload fails loudly instead of sampling garbage."""
+    metadata = read_metadata(uri)
+    fs, root = fsspec.core.url_to_fs(uri)
+    config = Config.from_text(fs.cat_file(_join(root, "config.json")).decode())
+    blob = fs.cat_file(_join(root, "model.safetensors"))
+    if hashlib.sha256(blob).hexdigest() != metadata["weights_sha256"]:
+        raise ValueError(f"{uri}/model.safetensors does not match the hash in export.json (corrupt or partial)")
+    model = build_model(config)
+    model.load_state_dict(load_safetensors(blob))
+    return Exported(model=model.to(device).eval(), config=config, latent_scale=metadata["latent_scale"],
+                    manifest_uri=metadata["manifest_uri"], step=metadata["step"])
