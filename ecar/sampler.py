@@ -1,0 +1,212 @@
+"""Sampling many images in parallel: Ray Data over shards of (index, class, seed) rows, an actor
+pool holding the EMA model, `.npz` shards plus a manifest on storage.
+
+Every image is a pure function of its row: its seed drives a generator of its own (see
+`ecar.flow.gaussian`), so the same row gives the same image at any pool or batch size, and a
+re-run after a failure only fills the shards that are missing. Shards are written whole under
+deterministic names; the manifest goes last, once every shard exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import fsspec
+import numpy as np
+import torch
+
+from ecar.config import SamplingConfig
+from ecar.export import Exported, load_exported, read_metadata
+from ecar.log import get_logger
+
+SCHEMA_VERSION = 1
+log = get_logger(__name__)
+
+
+def row_seed(base_seed: int, index: int) -> int:
+    """A 63-bit seed for image `index`, independent of every other row."""
+    digest = hashlib.sha256(f"{base_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Shard:
+    start: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.start:09d}-{self.count:06d}.npz"
+
+
+def plan_shards(num_images: int, shard_size: int) -> list[Shard]:
+    return [Shard(start, min(shard_size, num_images - start)) for start in range(0, num_images, shard_size)]
+
+
+def shard_rows(shard: Shard, labels: list[int] | None, num_classes: int, base_seed: int) -> dict[str, np.ndarray]:
+    """The (index, label, seed) rows of one shard: class-balanced (index mod classes) unless
+    explicit labels are given."""
+    indices = np.arange(shard.start, shard.start + shard.count, dtype=np.int64)
+    if labels is None:
+        row_labels = indices % num_classes
+    else:
+        row_labels = np.asarray([labels[i % len(labels)] for i in indices], dtype=np.int64)
+    seeds = np.asarray([row_seed(base_seed, int(i)) for i in indices], dtype=np.int64)
+    return {"index": indices, "label": row_labels, "seed": seeds}
+
+
+def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images -> (B, H, W, C) uint8."""
+    scaled = ((images_BCHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ShardSampler:
+    """Ray Data actor: loads the exported model once, then generates and writes whole shards."""
+
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        output_uri: str,
+        sampling: dict[str, Any],
+        labels: list[int] | None,
+        batch_size: int,
+        decoder_factory: Callable[[Exported, torch.device], Decoder | None] | None = None,
+    ) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.exported = load_exported(checkpoint_uri, self.device)
+        self.sampling = replace(self.exported.config.sampling, **sampling)
+        self.output_uri, self.labels, self.batch_size = output_uri, labels, batch_size
+        self.decode = decoder_factory(self.exported, self.device) if decoder_factory else None
+        self.fs, self.root = fsspec.core.url_to_fs(output_uri)
+        self.fs.makedirs(posixpath.join(self.root, "shards"), exist_ok=True)
+
+    def generate(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        model, scale = self.exported.model, self.exported.latent_scale
+        latents, images = [], []
+        for start in range(0, len(rows["index"]), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            labels = torch.as_tensor(rows["label"][part], device=self.device)
+            generators = [torch.Generator(self.device).manual_seed(int(s)) for s in rows["seed"][part]]
+            out = model.generate(labels, self.sampling, generators)
+            latents.append((out / scale).float().cpu().numpy().astype(np.float16))
+            if self.decode is not None:
+                images.append(to_uint8(self.decode(out / scale)))
+        result = dict(rows, latents=np.concatenate(latents))
+        if images:
+            result["images"] = np.concatenate(images)
+        return result
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        written = []
+        for start, count in zip(batch["start"], batch["count"]):
+            shard = Shard(int(start), int(count))
+            rows = shard_rows(shard, self.labels, self.exported.config.model.num_classes,
+                              self.sampling.seed)
+            buffer = io.BytesIO()
+            np.savez(buffer, **self.generate(rows))
+            # write under a temporary name, then move: a killed job never leaves a half shard
+            final = posixpath.join(self.root, "shards", shard.name)
+            partial = final + ".partial"
+            with self.fs.open(partial, "wb") as handle:
+                handle.write(buffer.getvalue())
+            self.fs.mv(partial, final)
+            written.append(shard.count)
+        return {"start": batch["start"], "count": np.asarray(written, dtype=np.int64)}
+
+
+def existing_shards(output_uri: str) -> set[str]:
+    fs, root = fsspec.core.url_to_fs(output_uri)
+    folder = posixpath.join(root, "shards")
+    if not fs.exists(folder):
+        return set()
+    return {posixpath.basename(path) for path in fs.ls(folder, detail=False) if path.endswith(".npz")}
+
+
+def sample_to_storage(
+    checkpoint_uri: str,
+    output_uri: str,
+    num_images: int,
+    sampling_overrides: dict[str, Any] | None = None,
+    labels: list[int] | None = None,
+    shard_size: int = 256,
+    batch_size: int = 64,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    decoder_factory: Callable[[Exported, torch.device], Decoder | None] | None = None,
+) -> dict[str, Any]:
+    """Generate `num_images` images into `output_uri` (shards + manifest.json); returns the manifest.
+
+    Shards already on storage are kept, so a re-run after a failure fills only what is missing.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    overrides = dict(sampling_overrides or {})
+    unknown = set(overrides) - set(SamplingConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown sampling keys: {', '.join(sorted(unknown))}")
+    plan = plan_shards(num_images, shard_size)
+    done = existing_shards(output_uri)
+    pending = [shard for shard in plan if shard.name not in done]
+    log.info("sampling %d images: %d shards, %d already on storage, %d to do",
+             num_images, len(plan), len(plan) - len(pending), len(pending))
+    if pending:
+        rows = ray.data.from_items([{"start": s.start, "count": s.count} for s in pending],
+                                   override_num_blocks=len(pending))
+        gpus = 1 if torch.cuda.is_available() else 0
+        results = rows.map_batches(
+            ShardSampler,
+            fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "output_uri": output_uri,
+                                   "sampling": overrides, "labels": labels, "batch_size": batch_size,
+                                   "decoder_factory": decoder_factory},
+            batch_size=1,
+            compute=ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+            num_cpus=cpus_per_actor,
+        )
+        total = 0
+        for row in results.iter_rows():
+            total += int(row["count"])
+            log.info("sampled %d / %d pending images", total, sum(s.count for s in pending))
+    present = existing_shards(output_uri)
+    missing = [shard.name for shard in plan if shard.name not in present]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards still missing under {output_uri} (first: {missing[0]})")
+    metadata = read_metadata(checkpoint_uri)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "checkpoint_uri": checkpoint_uri,
+        "checkpoint_weights_sha256": metadata["weights_sha256"],
+        "num_images": num_images,
+        "labels": "class-balanced" if labels is None else labels,
+        "sampling_overrides": overrides,
+        "shards": [{"name": shard.name, "start": shard.start, "count": shard.count} for shard in plan],
+        "has_images": decoder_factory is not None,
+    }
+    fs, root = fsspec.core.url_to_fs(output_uri)
+    partial = posixpath.join(root, "manifest.json.partial")
+    with fs.open(partial, "w") as handle:
+        handle.write(json.dumps(manifest, indent=2))
+    fs.mv(partial, posixpath.join(root, "manifest.json"))
+    return manifest
+
+
+def read_samples(output_uri: str, key: str = "images") -> dict[str, np.ndarray]:
+    """All shards of a finished sampling run, concatenated in index order."""
+    fs, root = fsspec.core.url_to_fs(output_uri)
+    manifest = json.loads(fs.cat_file(posixpath.join(root, "manifest.json")))
+    parts: dict[str, list[np.ndarray]] = {}
+    for shard in manifest["shards"]:
+        with np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "shards", shard["name"])))) as data:
+            for name in ("index", "label", "seed", key):
+                parts.setdefault(name, []).append(data[name])
+    return {name: np.concatenate(values) for name, values in parts.items()}
