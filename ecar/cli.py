@@ -19,6 +19,7 @@ JOB_COMMANDS = {
     "prepare": ("jobs.prepare", "turn an image source into image shards on storage"),
     "train-tokenizer": ("jobs.train_tokenizer", "train the KL-VAE tokenizer on Ray Train"),
     "encode": ("jobs.encode", "encode image shards into latent shards plus a manifest (Ray Data)"),
+    "sample": ("jobs.sample", "sample many images from an exported checkpoint into storage"),
 }
 
 

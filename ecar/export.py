@@ -79,12 +79,19 @@ def read_metadata(uri: str) -> dict[str, Any]:
     return metadata
 
 
+def read_config(uri: str) -> Config:
+    """The config of an exported checkpoint, without loading its weights."""
+    read_metadata(uri)
+    fs, root = fsspec.core.url_to_fs(uri)
+    return Config.from_text(fs.cat_file(_join(root, "config.json")).decode())
+
+
 def load_exported(uri: str, device: torch.device | str = "cpu") -> Exported:
     """The model (eval mode, on `device`) with its config and latent scale; weights are verified
     against the recorded hash so a truncated upload fails loudly instead of sampling garbage."""
     metadata = read_metadata(uri)
+    config = read_config(uri)
     fs, root = fsspec.core.url_to_fs(uri)
-    config = Config.from_text(fs.cat_file(_join(root, "config.json")).decode())
     blob = fs.cat_file(_join(root, "model.safetensors"))
     if hashlib.sha256(blob).hexdigest() != metadata["weights_sha256"]:
         raise ValueError(f"{uri}/model.safetensors does not match the hash in export.json (corrupt or partial)")

@@ -9,19 +9,20 @@ deterministic names; the manifest goes last, once every shard exists.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import fsspec
 import numpy as np
 import torch
 
-from ecar.config import SamplingConfig
-from ecar.export import Exported, load_exported, read_metadata
+from ecar.config import Config, ConfigError
+from ecar.export import Exported, load_exported, read_config, read_metadata
 from ecar.log import get_logger
 
 SCHEMA_VERSION = 1
@@ -66,6 +67,19 @@ def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
 
 
+SAMPLING_KEYS = ("sampling.", "flow.steps_per_stage")
+
+
+def sampling_config(config: Config, overrides: list[str]) -> Config:
+    """The checkpoint's config with sampling-time overrides (sampling.* and the step schedule);
+    anything else would describe a different model and is rejected, naming the key."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(SAMPLING_KEYS):
+            raise ConfigError(f"{key}: only sampling.* and flow.steps_per_stage can change at sampling time")
+    return config.override(overrides) if overrides else config
+
+
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -76,14 +90,14 @@ class ShardSampler:
         self,
         checkpoint_uri: str,
         output_uri: str,
-        sampling: dict[str, Any],
+        overrides: list[str],
         labels: list[int] | None,
         batch_size: int,
         decoder_factory: Callable[[Exported, torch.device], Decoder | None] | None = None,
     ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.exported = load_exported(checkpoint_uri, self.device)
-        self.sampling = replace(self.exported.config.sampling, **sampling)
+        self.config = sampling_config(self.exported.config, overrides)
         self.output_uri, self.labels, self.batch_size = output_uri, labels, batch_size
         self.decode = decoder_factory(self.exported, self.device) if decoder_factory else None
         self.fs, self.root = fsspec.core.url_to_fs(output_uri)
@@ -96,7 +110,7 @@ class ShardSampler:
             part = slice(start, start + self.batch_size)
             labels = torch.as_tensor(rows["label"][part], device=self.device)
             generators = [torch.Generator(self.device).manual_seed(int(s)) for s in rows["seed"][part]]
-            out = model.generate(labels, self.sampling, generators)
+            out = model.generate(labels, self.config.sampling, generators, self.config.flow.steps_per_stage)
             latents.append((out / scale).float().cpu().numpy().astype(np.float16))
             if self.decode is not None:
                 images.append(to_uint8(self.decode(out / scale)))
@@ -109,8 +123,7 @@ class ShardSampler:
         written = []
         for start, count in zip(batch["start"], batch["count"]):
             shard = Shard(int(start), int(count))
-            rows = shard_rows(shard, self.labels, self.exported.config.model.num_classes,
-                              self.sampling.seed)
+            rows = shard_rows(shard, self.labels, self.config.model.num_classes, self.config.sampling.seed)
             buffer = io.BytesIO()
             np.savez(buffer, **self.generate(rows))
             # write under a temporary name, then move: a killed job never leaves a half shard
@@ -121,6 +134,23 @@ class ShardSampler:
             self.fs.mv(partial, final)
             written.append(shard.count)
         return {"start": batch["start"], "count": np.asarray(written, dtype=np.int64)}
+
+
+def claim_output(output_uri: str, identity: dict[str, Any]) -> None:
+    """Record what this output holds (run.json), or check that a re-run asks for the same thing:
+    shards of another checkpoint or schedule must never be mixed into one sample set."""
+    fs, root = fsspec.core.url_to_fs(output_uri)
+    path = posixpath.join(root, "run.json")
+    if fs.exists(path):
+        recorded = json.loads(fs.cat_file(path))
+        if recorded != identity:
+            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+            raise ValueError(f"{output_uri} already holds samples of a different run (differs in "
+                             f"{', '.join(changed)}); use a new output or delete it")
+        return
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(path, "w") as handle:
+        handle.write(json.dumps(identity, indent=2))
 
 
 def existing_shards(output_uri: str) -> set[str]:
@@ -135,7 +165,7 @@ def sample_to_storage(
     checkpoint_uri: str,
     output_uri: str,
     num_images: int,
-    sampling_overrides: dict[str, Any] | None = None,
+    overrides: list[str] = (),
     labels: list[int] | None = None,
     shard_size: int = 256,
     batch_size: int = 64,
@@ -150,11 +180,12 @@ def sample_to_storage(
     import ray
     from ray.data import ActorPoolStrategy
 
-    overrides = dict(sampling_overrides or {})
-    unknown = set(overrides) - set(SamplingConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown sampling keys: {', '.join(sorted(unknown))}")
+    overrides = list(overrides)
+    config = sampling_config(read_config(checkpoint_uri), overrides)  # fail before any actor starts
     plan = plan_shards(num_images, shard_size)
+    identity = {"checkpoint_weights_sha256": read_metadata(checkpoint_uri)["weights_sha256"],
+                "overrides": overrides, "labels": labels, "num_images": num_images, "shard_size": shard_size}
+    claim_output(output_uri, identity)
     done = existing_shards(output_uri)
     pending = [shard for shard in plan if shard.name not in done]
     log.info("sampling %d images: %d shards, %d already on storage, %d to do",
@@ -166,7 +197,7 @@ def sample_to_storage(
         results = rows.map_batches(
             ShardSampler,
             fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "output_uri": output_uri,
-                                   "sampling": overrides, "labels": labels, "batch_size": batch_size,
+                                   "overrides": overrides, "labels": labels, "batch_size": batch_size,
                                    "decoder_factory": decoder_factory},
             batch_size=1,
             compute=ActorPoolStrategy(size=actors),
@@ -181,14 +212,12 @@ def sample_to_storage(
     missing = [shard.name for shard in plan if shard.name not in present]
     if missing:
         raise RuntimeError(f"{len(missing)} shards still missing under {output_uri} (first: {missing[0]})")
-    metadata = read_metadata(checkpoint_uri)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "checkpoint_uri": checkpoint_uri,
-        "checkpoint_weights_sha256": metadata["weights_sha256"],
-        "num_images": num_images,
-        "labels": "class-balanced" if labels is None else labels,
-        "sampling_overrides": overrides,
+        **identity,
+        "steps_per_stage": list(config.flow.steps_per_stage),
+        "sampling": dataclasses.asdict(config.sampling),
         "shards": [{"name": shard.name, "start": shard.start, "count": shard.count} for shard in plan],
         "has_images": decoder_factory is not None,
     }

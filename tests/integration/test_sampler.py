@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ecar.config import ConfigError
 from ecar.export import save_exported
 from ecar.models import build_model
 from ecar.presets import get_config
@@ -72,3 +73,17 @@ def test_a_rerun_after_failure_fills_only_the_missing_shards(ray_local, checkpoi
     assert len(samples["index"]) == manifest["num_images"] == 12
     assert len(set(samples["index"].tolist())) == 12
     assert existing_shards(str(out)) == {s["name"] for s in manifest["shards"]}
+
+
+def test_a_different_run_into_the_same_output_is_refused(ray_local, checkpoint, tmp_path):
+    out = str(tmp_path / "run")
+    sample_to_storage(checkpoint, out, 4, ["flow.steps_per_stage=[1,1,1]"], shard_size=4, cpus_per_actor=0.5)
+    with pytest.raises(ValueError, match="differs in overrides"):
+        sample_to_storage(checkpoint, out, 4, ["flow.steps_per_stage=[2,2,2]"], shard_size=4)
+
+
+def test_only_sampling_keys_may_change_at_sampling_time(checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="model.width"):
+        sample_to_storage(checkpoint, str(tmp_path / "x"), 4, ["model.width=32"])
+    with pytest.raises(ConfigError, match="sampling.cfg_scale"):
+        sample_to_storage(checkpoint, str(tmp_path / "x"), 4, ["sampling.cfg_scale=-1"])

@@ -1,0 +1,23 @@
+"""Connecting a job to Ray: an existing cluster when an address is given, else a local one."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """`ray job submit` sets RAY_ADDRESS, so a submitted job joins its cluster and never starts
+    its own. With no address at all, a fresh single-node cluster is started on loopback."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None and "ray" not in sys.modules:
+        # Keeps a laptop's one-node cluster on 127.0.0.1 (read when ray is imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address)
