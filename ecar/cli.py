@@ -50,6 +50,25 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ecar.report import build_report, load_runs, log_report
+
+    from ecar.config import Config
+    from ecar.tracking import resolve_tracking_uri
+
+    tracking_uri = args.tracking_uri or resolve_tracking_uri(Config())
+    runs = load_runs(tracking_uri, args.experiment, args.parent_run)
+    report = build_report(runs, Path(args.output), args.metric, args.mode, args.flops_metric,
+                          title=args.parent_run or args.experiment)
+    if args.parent_run:
+        log_report(tracking_uri, args.parent_run, report)
+    print(report.markdown)
+    print("wrote " + ", ".join(str(path) for path in report.files.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecar",
@@ -82,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--json", action="store_true")
     config.set_defaults(run=_config)
 
+    report = commands.add_parser(
+        "report", help="rank an experiment's or a sweep's runs from MLflow; Pareto plot vs FLOPs",
+        epilog="example: ecar report --experiment ecar-sweeps --parent-run 3f2a... --metric fid",
+    )
+    report.add_argument("--experiment", required=True, help="MLflow experiment name")
+    report.add_argument("--parent-run", help="a sweep's parent run id: compare its child runs")
+    report.add_argument("--tracking-uri", help="default: tracking.tracking_uri, MLFLOW_TRACKING_URI, "
+                                               "else the embedded store outputs/mlflow.db")
+    report.add_argument("--metric", default="val_loss", help="the quality metric to rank by")
+    report.add_argument("--mode", choices=["min", "max"], default="min")
+    report.add_argument("--flops-metric", default="sampling_gflops")
+    report.add_argument("--output", default="outputs/report", help="folder for report.md/.csv/pareto.png")
+    report.set_defaults(run=_report)
+
     for name, (module, summary) in JOB_COMMANDS.items():
         job = commands.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
         job.add_argument("arguments", nargs=argparse.REMAINDER)
@@ -99,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ecar {args.command}: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as error:
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as error:
         print(f"ecar {args.command}: {error}", file=sys.stderr)
         return 2
 

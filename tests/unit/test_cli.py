@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unit
 def test_help_has_an_example_for_every_builtin_command():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public API
-    for name in ("flops", "presets", "config"):
+    for name in ("flops", "presets", "config", "report"):
         assert "example:" in commands[name].format_help()
 
 
@@ -31,3 +31,14 @@ def test_unknown_preset_is_a_user_error(capsys):
 def test_config_prints_overrides(capsys):
     assert main(["config", "ecar-debug", "train.lr=0.5", "--json"]) == 0
     assert '"lr": 0.5' in capsys.readouterr().out
+
+
+def test_report_on_a_missing_experiment_is_a_user_error(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["report", "--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_job_subcommands_show_their_own_help():
+    result = subprocess.run([sys.executable, "-m", "ecar.cli", "sample", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--checkpoint" in result.stdout and "python -m jobs.sample" in result.stdout
