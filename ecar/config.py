@@ -123,6 +123,42 @@ class DataConfig:
     manifest_uri: str = ""
     shuffle_buffer_rows: int = 4096
     shard_rows: int = 4096
+    # Image shards written by `prepare`, read by `train-tokenizer` and `encode`.
+    images_uri: str = ""
+    # The encode job fails (no manifest) when more than this share of rows is quarantined.
+    quarantine_limit: float = 0.01
+    encode_batch_size: int = 256  # images per tokenizer forward inside an encode actor
+    encode_actors: int = 1  # size of the encode actor pool
+    encode_cpus_per_actor: float = 1.0
+    # Also store the latent of the horizontally flipped image (column `latent_flip`).
+    flip_augment: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The image <-> latent tokenizer. Its latent channels are `model.latent_channels`, and its
+    down-sampling factor is `data.image_size / model.latent_size` (a power of two): one
+    source of truth for the latent shape."""
+
+    kind: Literal["kl_vae", "diffusers"] = "kl_vae"
+    width: int = 64  # channels of the first level; doubled per halving, capped at 4x
+    res_blocks: int = 1
+    kl_weight: float = 1e-6
+    # Adds an EfficientNet-Lite0 feature distance (ImageNet weights shipped in a package).
+    perceptual: bool = False
+    perceptual_weight: float = 0.1
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    eval_images: int = 1000  # held-out images for PSNR
+    fid_images: int = 1000  # held-out images for reconstruction FID (0: skip)
+    # A trained tokenizer (folder or s3:// prefix with tokenizer.safetensors + tokenizer.json);
+    # or, for kind="diffusers", a local diffusers-format AutoencoderKL folder.
+    checkpoint_uri: str = ""
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +183,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -389,6 +426,33 @@ def validate(config: Config) -> None:
 
     _check(config.data.image_size > 0, "data.image_size", "must be positive")
     _check(config.data.image_channels in (1, 3), "data.image_channels", "must be 1 or 3")
+    _validate_data_and_tokenizer(config)
+
+
+def _validate_data_and_tokenizer(config: Config) -> None:
+    data, tokenizer, model = config.data, config.tokenizer, config.model
+    _check(data.shard_rows >= 1, "data.shard_rows", "must be at least 1")
+    _check(data.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows", "must be non-negative")
+    _check(0.0 <= data.quarantine_limit <= 1.0, "data.quarantine_limit", "must lie in [0, 1]")
+    _check(data.encode_batch_size >= 1, "data.encode_batch_size", "must be at least 1")
+    _check(data.encode_actors >= 1, "data.encode_actors", "must be at least 1")
+    _check(data.encode_cpus_per_actor > 0, "data.encode_cpus_per_actor", "must be positive")
+    factor = data.image_size // model.latent_size
+    _check(
+        data.image_size % model.latent_size == 0 and factor & (factor - 1) == 0,
+        "data.image_size",
+        f"{data.image_size} must be a power-of-two multiple of model.latent_size={model.latent_size} "
+        "(the tokenizer's down-sampling factor)",
+    )
+    for key in ("width", "res_blocks", "steps", "batch_size", "num_workers"):
+        _check(getattr(tokenizer, key) >= 1, f"tokenizer.{key}", "must be at least 1")
+    _check(tokenizer.lr > 0, "tokenizer.lr", "must be positive")
+    _check(tokenizer.kl_weight >= 0, "tokenizer.kl_weight", "must be non-negative")
+    _check(tokenizer.perceptual_weight >= 0, "tokenizer.perceptual_weight", "must be non-negative")
+    _check(tokenizer.cpus_per_worker > 0, "tokenizer.cpus_per_worker", "must be positive")
+    _check(tokenizer.eval_images >= 1, "tokenizer.eval_images", "must be at least 1")
+    _check(tokenizer.fid_images == 0 or tokenizer.fid_images >= 2, "tokenizer.fid_images",
+           "must be 0 (skip) or at least 2 (a covariance needs two images)")
 
 
 def gradient_accumulation_steps(train: TrainConfig) -> int:

@@ -20,6 +20,7 @@ from ecar.config import (
     ModelConfig,
     SamplingConfig,
     StagesConfig,
+    TokenizerConfig,
     TrainConfig,
 )
 
@@ -56,7 +57,11 @@ def ecar_debug() -> Config:
         train=TrainConfig(steps=20, global_batch_size=16, micro_batch_size=8, lr=1e-3,
                           warmup_steps=2, ema_decay=0.9, log_every=5, sample_every=10,
                           checkpoint_every=10, cpus_per_worker=0.5),
-        data=DataConfig(image_size=16, shard_rows=256),
+        data=DataConfig(image_size=16, shard_rows=256, encode_batch_size=64, encode_cpus_per_actor=0.5,
+                        quarantine_limit=0.05),
+        # maps 16x16 images to the 8x8x4 latent
+        tokenizer=TokenizerConfig(width=16, steps=20, batch_size=16, lr=2e-3, cpus_per_worker=0.5,
+                                  eval_images=64, fid_images=16),
     )
 
 
@@ -73,6 +78,8 @@ def ecar_fmnist() -> Config:
         train=TrainConfig(steps=20000, global_batch_size=128, micro_batch_size=64, lr=3e-4,
                           warmup_steps=500, ema_decay=0.999),
         data=DataConfig(image_size=32, image_channels=1),
+        # 32x32 images (Fashion-MNIST's 28x28 resized) to a 16x16x4 latent
+        tokenizer=TokenizerConfig(width=32, steps=1200, batch_size=64, lr=2e-3),
     )
 
 

@@ -1,0 +1,140 @@
+"""One way to reach storage: `s3://bucket/prefix` or a local path, through the same code.
+
+Endpoint, region and credentials come from `StorageConfig` (endpoint_url, region) when set,
+else from the standard AWS environment (AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION,
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE ...); never from code.
+
+Two views of the same place, because the libraries want different ones:
+- `arrow_fs(uri)` -> (pyarrow FileSystem, path) for Parquet reads and writes and Ray Data;
+- `fsspec_fs(uri)` -> (fsspec FileSystem, path) for listing, small files and moves.
+pyarrow's own S3FileSystem ignores AWS_ENDPOINT_URL, so the endpoint is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+from ecar.config import StorageConfig
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """`join("s3://b/p", "a", "x.json")` -> "s3://b/p/a/x.json"; local paths likewise."""
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return str(Path(uri.removeprefix("file://"), *parts))
+
+
+def endpoint_url(storage: StorageConfig | None = None) -> str:
+    return (storage.endpoint_url if storage and storage.endpoint_url else os.environ.get("AWS_ENDPOINT_URL", ""))
+
+
+def region(storage: StorageConfig | None = None) -> str:
+    if storage and storage.region:
+        return storage.region
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+
+
+def _split_s3(uri: str) -> str:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("s3", "s3a"):
+        raise ValueError(f"unsupported storage scheme in {uri!r} (use s3:// or a local path)")
+    if not parsed.netloc:
+        raise ValueError(f"{uri!r} names no bucket")
+    return f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def arrow_fs(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it (bucket/key for S3, absolute for local)."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).resolve())
+    path = _split_s3(uri)
+    options: dict = {}
+    endpoint = endpoint_url(storage)
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options["endpoint_override"] = parsed.netloc or parsed.path
+        options["scheme"] = parsed.scheme or "https"
+    if region(storage):
+        options["region"] = region(storage)
+    return pafs.S3FileSystem(**options), path
+
+
+def fsspec_fs(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem (s3fs or local) and the path inside it."""
+    if not is_remote(uri):
+        return fsspec.filesystem("file"), str(Path(uri.removeprefix("file://")).resolve())
+    path = _split_s3(uri)
+    client_kwargs = {}
+    if endpoint_url(storage):
+        client_kwargs["endpoint_url"] = endpoint_url(storage)
+    if region(storage):
+        client_kwargs["region_name"] = region(storage)
+    # skip_instance_cache: a fresh client per call, so a changed endpoint is never served stale
+    return fsspec.filesystem("s3", client_kwargs=client_kwargs, skip_instance_cache=True), path
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = fsspec_fs(uri, storage)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = fsspec_fs(uri, storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri} does not exist")
+    return fs.cat_file(path)
+
+
+def read_text(uri: str, storage: StorageConfig | None = None) -> str:
+    return read_bytes(uri, storage).decode()
+
+
+def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Readers see the old object or the whole new one, never a part.
+
+    Local: write a unique temporary file next to the target, fsync, rename over it. S3: a
+    single PUT is already atomic (an object becomes visible only when complete).
+    """
+    if is_remote(uri):
+        fs, path = fsspec_fs(uri, storage)
+        fs.pipe_file(path, data)
+        return
+    target = Path(uri.removeprefix("file://"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+
+
+def write_text_atomic(uri: str, text: str, storage: StorageConfig | None = None) -> None:
+    write_bytes_atomic(uri, text.encode(), storage)
+
+
+def list_files(uri: str, suffix: str = "", storage: StorageConfig | None = None) -> list[str]:
+    """URIs of the files directly under `uri` ending in `suffix`, sorted; [] if it is missing.
+    Hidden names (our local temporaries start with '.') are skipped."""
+    fs, path = fsspec_fs(uri, storage)
+    if not fs.exists(path):
+        return []
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False, refresh=True)]
+    return [join(uri, n) for n in sorted(names) if n.endswith(suffix) and not n.startswith(".")]
+
+
+def delete(uri: str, storage: StorageConfig | None = None) -> None:
+    fs, path = fsspec_fs(uri, storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
