@@ -1,0 +1,1 @@
+"""The latent data pipeline: image sources -> image shards -> latent shards + manifest -> reader."""

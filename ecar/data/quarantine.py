@@ -1,0 +1,74 @@
+"""Bad input is set aside, not dropped silently and not fatal one row at a time.
+
+Each shard-wise job writes, per input shard, a quarantine Parquet file (id, source, reason)
+next to its output, before the output itself; the manifest counts them. When the quarantined
+share of a split exceeds `data.quarantine_limit`, the job stops with a summary of the reasons
+and no manifest is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from ecar.config import StorageConfig
+from ecar.data.shards import read_table, write_table
+
+SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+# reason prefixes, also the keys of the manifest's per-reason counts
+UNDECODABLE = "undecodable image"
+WRONG_SIZE = "wrong image size"
+MISSING_LABEL = "missing label"
+BAD_LABEL = "label out of range"
+DUPLICATE_ID = "duplicate id"
+
+
+class QuarantineLimitExceeded(ValueError):
+    """Too much of the input was bad; the message summarises reasons and examples."""
+
+
+@dataclass
+class Quarantine:
+    """The quarantined rows of one shard."""
+
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, id: str, source: str, reason: str) -> None:
+        self.rows.append({"id": str(id), "source": str(source), "reason": reason})
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows, schema=SCHEMA)
+
+    def write(self, uri: str, storage_config: StorageConfig | None = None) -> None:
+        write_table(uri, self.table(), storage_config)
+
+
+def reason_kind(reason: str) -> str:
+    """The reason's category: the text before the first ':'."""
+    return reason.split(":", 1)[0]
+
+
+def read_quarantine(uris: list[str], storage_config: StorageConfig | None = None) -> pa.Table:
+    tables = [read_table(uri, storage_config) for uri in uris]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def check_limit(what: str, table: pa.Table, total_rows: int, limit: float) -> None:
+    """Raise QuarantineLimitExceeded when len(table) / total_rows > limit."""
+    bad = table.num_rows
+    if total_rows == 0 or bad / total_rows <= limit:
+        return
+    reasons = Counter(reason_kind(r) for r in table.column("reason").to_pylist())
+    first = table.slice(0, 3).to_pylist()
+    examples = "; ".join(f"{row['id']} ({row['source']}): {row['reason']}" for row in first)
+    raise QuarantineLimitExceeded(
+        f"{what}: {bad} of {total_rows} rows quarantined ({bad / total_rows:.1%} > data.quarantine_limit="
+        f"{limit:.1%}); reasons: {dict(reasons)}; first: {examples}"
+    )
+
+
+def counts_by_reason(table: pa.Table) -> dict[str, int]:
+    return dict(sorted(Counter(reason_kind(r) for r in table.column("reason").to_pylist()).items()))

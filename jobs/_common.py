@@ -1,0 +1,35 @@
+"""What every data job's `main` shares: --preset and trailing key=value overrides, and one clear
+line (exit code 2, no traceback) for a user's mistake."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from ecar.config import Config, ConfigError
+from ecar.presets import get_config
+
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, ImportError)
+
+
+def base_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="ecar-fmnist", help="named preset (default: ecar-fmnist)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.shard_rows=1024")
+    return parser
+
+
+def run(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None,
+        work: Callable[[argparse.Namespace, Config], str]) -> int:
+    """Parse, build the config (validated before Ray starts), call `work`; print its summary line."""
+    args = parser.parse_args(argv)
+    try:
+        config = get_config(args.preset, args.overrides)
+        summary = work(args, config)
+    except USER_ERRORS as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0

@@ -1,0 +1,37 @@
+"""Turn an image source into image shards on storage (local path or s3://).
+
+    python -m jobs.prepare --preset ecar-fmnist --output s3://bucket/fmnist/images
+    python -m jobs.prepare --preset ecar-b data.source=image_folder data.source_uri=/data/imagenet --output ...
+
+Re-running after a failure writes only the missing shards; images.json is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ecar.config import Config
+from ecar.data.prepare import prepare_images
+from jobs._common import base_parser, run
+
+
+def work(args: argparse.Namespace, config: Config) -> str:
+    output = args.output or config.data.images_uri
+    if not output:
+        raise ValueError("give --output URI or data.images_uri=URI")
+    manifest = prepare_images(config, output, limit_per_split=args.limit)
+    parts = ", ".join(f"{split}: {info['rows']} images ({info['quarantined']} quarantined)"
+                      for split, info in manifest["splits"].items())
+    return f"prepared {output}: {parts}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("ecar prepare", __doc__)
+    parser.add_argument("--output", help="image shard prefix (default: data.images_uri)")
+    parser.add_argument("--limit", type=int, help="first N records of each split only")
+    return run("ecar prepare", parser, argv, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
