@@ -1,0 +1,49 @@
+"""The image <-> latent tokenizer: ecar's own KL-VAE, or a user's pretrained diffusers VAE.
+
+Every tokenizer offers `encode(images (B, C_img, H, W) in [-1, 1]) -> (B, C_lat, h, w)` and
+`decode(latents) -> images`, on unscaled latents; the latent scale lives in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ecar.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class LoadedTokenizer:
+    model: nn.Module  # has .encode and .decode
+    identity: dict[str, Any]  # kind, uri, sha256: what the manifest records
+
+
+def load_tokenizer(config: Config) -> LoadedTokenizer:
+    """The tokenizer `tokenizer.kind` / `tokenizer.checkpoint_uri` name, checked against the
+    config's latent shape (channels = model.latent_channels, size = model.latent_size)."""
+    uri = config.tokenizer.checkpoint_uri
+    if not uri:
+        raise ConfigError("tokenizer.checkpoint_uri: empty; train one with `ecar train-tokenizer` or give a path")
+    if config.tokenizer.kind == "diffusers":
+        from ecar.tokenizer.pretrained import load_diffusers_vae
+
+        model, identity = load_diffusers_vae(uri, config.data.image_channels)
+        channels = identity["latent_channels"]
+    else:
+        from ecar.tokenizer.vae import load_vae
+
+        model, description = load_vae(uri, config.storage)
+        identity = {"kind": "kl_vae", "uri": uri, "sha256": description["weights_sha256"]}
+        channels = model.shape.latent_channels
+        if description["image_size"] != config.data.image_size:
+            raise ConfigError(f"data.image_size: {config.data.image_size} but the tokenizer at {uri} "
+                              f"was trained on {description['image_size']}x{description['image_size']} images")
+        if model.shape.image_channels != config.data.image_channels:
+            raise ConfigError(f"data.image_channels: {config.data.image_channels} but the tokenizer at {uri} "
+                              f"takes {model.shape.image_channels}")
+    if channels != config.model.latent_channels:
+        raise ConfigError(f"model.latent_channels: {config.model.latent_channels} but the tokenizer at {uri} "
+                          f"makes {channels}-channel latents")
+    return LoadedTokenizer(model.eval(), identity)

