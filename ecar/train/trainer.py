@@ -1,0 +1,273 @@
+"""Ray Train adapter: a TorchTrainer whose workers stream their shard of the latent data set
+into the plain-torch loop over a DeepSpeed engine, checkpoint through `ray.train.report`, and
+resume from the latest checkpoint (after a worker failure, or when a run is re-launched under
+the same name).
+
+    run folder  {storage.root}/runs/{name}/   checkpoint_00001000/ ...  (Ray Train's layout)
+                {storage.root}/runs/{name}/export/   consolidated EMA (ecar.export format)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecar import storage
+from ecar.config import Config
+from ecar.log import get_logger
+
+log = get_logger(__name__)
+
+DATASET_NAME = "train"
+PREVIEW_SEED = 1234  # the same noise at every preview, so grids compare across steps
+
+
+@dataclass(frozen=True)
+class LatentSource:
+    """What the workers need to know about the latent data, checked before they start."""
+
+    manifest_uri: str
+    latent_shape: tuple[int, int, int]  # (C, H, W)
+    latent_scale: float  # stored latents are scale * E(x); decode latents / scale
+    num_rows: int
+    class_names: tuple[str, ...] = ()
+    tokenizer_uri: str = ""  # a trained tokenizer for decoding previews, if the data names one
+
+
+def run_uri(config: Config, name: str) -> str:
+    return storage.join(config.storage.root, "runs", name)
+
+
+def export_uri(config: Config, name: str) -> str:
+    return storage.join(run_uri(config, name), "export")
+
+
+# ----- inside each worker ---------------------------------------------------------------------
+def train_worker(arguments: dict[str, Any]) -> None:
+    """The per-worker function of the TorchTrainer (every rank runs it)."""
+    import ray.train
+    import ray.train.torch
+
+    from ecar.models import build_model
+    from ecar.train import checkpoint as ckpt
+    from ecar.train.ema import EMA
+    from ecar.train.engine import DeepSpeedBackend
+    from ecar.train.loop import TrainState, train
+    from ecar.train.tracking import RankZeroTracker
+
+    config = Config.from_dict(arguments["config"])
+    source = LatentSource(**arguments["source"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
+    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
+    model = build_model(config)
+    backend = DeepSpeedBackend(model, config, device)
+    ema = EMA(backend.ema_sources(), config.train.ema_decay)
+    tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
+    info = ckpt.RunInfo(world_size=world_size, zero_stage=config.train.zero_stage,
+                        manifest_uri=source.manifest_uri, mlflow_run_id=arguments["mlflow_run_id"])
+
+    state = TrainState()
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            directory = Path(directory)
+            state, saved = ckpt.read_state(directory)
+            ckpt.check_compatible(saved, world_size, config.train.zero_stage)
+            backend.load(directory)
+            ema.load_state_dict(ckpt.read_ema(directory, config.train.zero_stage, rank))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", restored.path, state.step,
+                 state.epoch, state.batches_in_epoch)
+        tracker.log_metrics(state.step, {"resumed_at_step": float(state.step)})
+        tracker.log_text(f"{restored.path}\n", f"resumes/step_{state.step:08d}.txt")
+
+    shard = ray.train.get_dataset_shard(DATASET_NAME)
+    shape = source.latent_shape
+
+    def open_epoch(epoch: int):
+        # Seeded by epoch: the same order whenever an epoch is replayed after a restart.
+        buffer = config.data.shuffle_buffer_rows or None
+        for batch in shard.iter_torch_batches(
+            batch_size=config.train.micro_batch_size, drop_last=True, prefetch_batches=2,
+            dtypes={"latent": torch.float32, "label": torch.int64}, device="cpu",
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=(config.train.seed * 100003 + epoch) if buffer else None,
+        ):
+            yield batch["latent"].reshape(-1, *shape), batch["label"]
+
+    preview = Preview(config, source, rank) if rank == 0 else None
+    last_metrics: dict[str, float] = {}
+
+    def on_step(state: TrainState, metrics: dict[str, float] | None) -> None:
+        final = state.step == config.train.steps
+        if metrics is not None:
+            last_metrics.update(metrics)
+            tracker.log_metrics(state.step, metrics)
+        if state.step % config.train.sample_every == 0 or final:
+            whole = backend.gather(ema.shadow)  # a collective: every rank takes part
+            if preview is not None:
+                tracker.log_figure(preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
+        if state.step % config.train.checkpoint_every == 0 or final:
+            with tempfile.TemporaryDirectory(prefix="ecar-ckpt-") as directory:
+                backend.save(Path(directory))
+                ckpt.save_local(Path(directory), state, ema.state_dict(), info, config, rank)
+                report = {"step": state.step, **{k: v for k, v in last_metrics.items() if k.startswith("loss")}}
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                 checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+
+    train(backend, config, open_epoch, state, ema, on_step)
+
+    whole = backend.gather(ema.shadow)
+    if rank == 0:
+        from ecar.export import save_exported
+
+        full = build_model(config).state_dict()
+        full.update(whole)
+        uri = arguments["export_uri"]
+        save_exported(full, config, uri, latent_scale=source.latent_scale,
+                      manifest_uri=source.manifest_uri, step=state.step)
+        log.info("exported the EMA weights at step %d to %s", state.step, uri)
+
+
+class Preview:
+    """Sample grids on rank 0 from the consolidated EMA weights, through the shared
+    `model.generate()`: one sample per class (up to 10), decoded with the data's tokenizer when
+    the manifest names one, else the latents' first channels."""
+
+    def __init__(self, config: Config, source: LatentSource, rank: int) -> None:
+        from ecar.models import build_model
+
+        self.config, self.source = config, source
+        self.model = build_model(config).eval()
+        self.decoder = _load_decoder(source.tokenizer_uri, config) if source.tokenizer_uri else None
+        classes = min(config.model.num_classes, 10)
+        self.labels = torch.arange(classes)
+
+    @torch.no_grad()
+    def figure(self, ema_weights: dict[str, torch.Tensor], step: int):
+        from ecar.train.tracking import sample_grid
+
+        state = self.model.state_dict()
+        state.update(ema_weights)
+        self.model.load_state_dict(state)
+        generator = torch.Generator().manual_seed(PREVIEW_SEED)
+        latents = self.model.generate(self.labels, generator=generator)
+        if self.decoder is not None:
+            images, what = self.decoder(latents / self.source.latent_scale), "decoded by the tokenizer"
+        else:
+            images, what = latents, "latent channels 0-2 (no tokenizer to decode)"
+        return sample_grid(images, self.labels, f"EMA samples, step {step}: {what}",
+                           list(self.source.class_names) or None)
+
+
+def _load_decoder(tokenizer_uri: str, config: Config):
+    """The tokenizer's decoder, or None (with a warning) if it cannot be loaded: previews must
+    never stop training."""
+    try:
+        from ecar.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.override({"tokenizer.checkpoint_uri": tokenizer_uri})).model
+        return lambda latents: tokenizer.decode(latents).clamp(-1.0, 1.0)
+    except Exception as error:  # noqa: BLE001 - any failure falls back to showing latents
+        log.warning("previews show latents: cannot load the tokenizer at %s (%s)", tokenizer_uri, error)
+        return None
+
+
+# ----- on the driver --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitResult:
+    name: str
+    run_uri: str
+    export_uri: str
+    mlflow_run_id: str
+    checkpoint_uri: str | None
+    metrics: dict[str, Any]
+
+
+def _ray_storage(config: Config) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: the runs folder, through a
+    pyarrow filesystem that carries the S3 endpoint (pyarrow ignores AWS_ENDPOINT_URL)."""
+    runs = storage.join(config.storage.root, "runs")
+    if not storage.is_remote(runs):
+        Path(runs).mkdir(parents=True, exist_ok=True)
+        return str(Path(runs).resolve()), None
+    filesystem, path = storage.arrow_fs(runs, config.storage)
+    return path, filesystem
+
+
+def worker_env(config: Config) -> dict[str, str]:
+    """Storage settings the workers need that the config, not the environment, decided."""
+    env = {}
+    if config.storage.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = config.storage.endpoint_url
+    if config.storage.region:
+        env["AWS_REGION"] = config.storage.region
+    return env
+
+
+def fit(
+    config: Config,
+    source: LatentSource,
+    dataset: Any,
+    name: str,
+    tracking_uri: str | None = None,
+) -> FitResult:
+    """Train `config` on `dataset` (a Ray Dataset with columns `latent`, `label`) as run `name`.
+
+    A run whose name already has checkpoints under the storage root resumes from the latest one
+    and keeps its MLflow run. Ray must already be initialised.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ecar.tracking import resolve_tracking_uri
+    from ecar.train.tracking import finish_run, open_run
+
+    tracking_uri = tracking_uri or resolve_tracking_uri(config)
+    mlflow_run_id, resumed = open_run(config, tracking_uri, name, source.manifest_uri, run_uri(config, name))
+    log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = 1
+    options = ray.train.DataConfig.default_ingest_options()
+    # Block order, and so each worker's split, is then a function of the data alone: a replayed
+    # epoch after a restart sees the same batches.
+    options.preserve_order = True
+    storage_path, filesystem = _ray_storage(config)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "source": {**source.__dict__, "latent_shape": list(source.latent_shape),
+                       "class_names": list(source.class_names)},
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            "export_uri": export_uri(config, name),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
+            worker_runtime_env={"env_vars": worker_env(config)} if worker_env(config) else None,
+        ),
+        datasets={DATASET_NAME: dataset},
+        dataset_config=ray.train.DataConfig(execution_options=options),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
+        raise
+    uri = export_uri(config, name)
+    finish_run(tracking_uri, mlflow_run_id, uri)
+    return FitResult(name=name, run_uri=run_uri(config, name), export_uri=uri, mlflow_run_id=mlflow_run_id,
+                     checkpoint_uri=result.checkpoint.path if result.checkpoint else None,
+                     metrics=dict(result.metrics or {}))
