@@ -139,6 +139,22 @@ def generation_flops(model: ClassConditional, cfg_scale: float | None = None) ->
     return stages, sum(stage.total for stage in stages)
 
 
+def decode_flops(config: Config) -> float | None:
+    """MACs of decoding one latent with the configured KL-VAE (None for a diffusers VAE, whose
+    architecture is only known once its folder is loaded)."""
+    if config.tokenizer.kind != "kl_vae":
+        return None
+    from ecar.tokenizer.train import vae_shape
+    from ecar.tokenizer.vae import KLVAE
+
+    with torch.device("meta"):
+        vae = KLVAE(vae_shape(config)).eval()
+    size = config.model.latent_size
+    latent = torch.zeros(1, config.model.latent_channels, size, size, device="meta")
+    _, _, total = _counted(vae, lambda: vae.decode(latent))
+    return total
+
+
 def parameter_counts(model: ClassConditional) -> dict[str, int]:
     return {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
 
@@ -158,7 +174,9 @@ def count(config: Config, generation: bool = True) -> FlopReport:
     if total > unguided:
         notes.append(f"classifier-free guidance costs x{total / unguided:.2f} (a conditional and an "
                      "unconditional pass at each guided step)")
-    notes.append("VAE decode: not counted (no tokenizer configured)")
+    decode = decode_flops(config)
+    if decode is None:
+        notes.append("VAE decode: not counted (a diffusers VAE is only known once loaded)")
     return FlopReport(
         preset=config.preset,
         kind=config.model.kind,
@@ -170,6 +188,7 @@ def count(config: Config, generation: bool = True) -> FlopReport:
         generation_unguided=unguided,
         steps_per_stage=tuple(config.flow.steps_per_stage),
         cfg_scale=config.sampling.cfg_scale,
+        decode=decode,
         notes=notes,
     )
 
@@ -193,6 +212,9 @@ def format_report(report: FlopReport) -> str:
                          f"{g(stage.flow):>14}{g(stage.total):>14}")
         lines.append(f"  total{g(report.generation_total)}FLOPs   "
                      f"(without CFG:{g(report.generation_unguided)}FLOPs)")
+    if report.decode is not None:
+        lines.append(f"  VAE decode (the configured KL-VAE){g(report.decode)}FLOPs; "
+                     f"with decode:{g(report.generation_total + report.decode)}FLOPs")
     lines += [f"note: {note}" for note in report.notes]
     lines.append(f"note: {report.convention}")
     return "\n".join(lines)

@@ -50,3 +50,11 @@ def test_text_output_states_the_convention(capsys):
     assert main(["flops", "ecar-debug"]) == 0
     out = capsys.readouterr().out
     assert "multiply-add once" in out and "total" in out
+
+
+def test_vae_decode_is_counted_for_the_configured_kl_vae_only():
+    report = count(get_config("ecar-fmnist"))
+    assert report.decode > 0
+    wider = count(get_config("ecar-fmnist", ["tokenizer.width=64"]), generation=False)
+    assert wider.decode > report.decode
+    assert count(get_config("ecar-debug", ["tokenizer.kind=diffusers"]), generation=False).decode is None
