@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ecar import storage
 from ecar.config import Config
 from ecar.models import ClassConditional, build_model
 
@@ -34,10 +33,6 @@ class Exported:
     step: int
 
 
-def _join(uri: str, name: str) -> str:
-    return posixpath.join(uri.rstrip("/"), name)
-
-
 def save_exported(
     state_dict: dict[str, torch.Tensor],
     config: Config,
@@ -47,14 +42,10 @@ def save_exported(
     step: int = 0,
 ) -> str:
     """Write an exported checkpoint; the metadata file goes last, so its presence means complete."""
-    fs, root = fsspec.core.url_to_fs(uri)
-    fs.makedirs(root, exist_ok=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
     blob = save_safetensors(tensors)
-    with fs.open(_join(root, "model.safetensors"), "wb") as handle:
-        handle.write(blob)
-    with fs.open(_join(root, "config.json"), "w") as handle:
-        handle.write(config.to_json())
+    storage.write_bytes_atomic(storage.join(uri, "model.safetensors"), blob, config.storage)
+    storage.write_text_atomic(storage.join(uri, "config.json"), config.to_json(), config.storage)
     metadata = {
         "schema_version": SCHEMA_VERSION,
         "latent_scale": float(latent_scale),
@@ -62,17 +53,15 @@ def save_exported(
         "step": int(step),
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    with fs.open(_join(root, "export.json"), "w") as handle:
-        handle.write(json.dumps(metadata, indent=2))
+    storage.write_text_atomic(storage.join(uri, "export.json"), json.dumps(metadata, indent=2), config.storage)
     return uri
 
 
 def read_metadata(uri: str) -> dict[str, Any]:
-    fs, root = fsspec.core.url_to_fs(uri)
-    path = _join(root, "export.json")
-    if not fs.exists(path):
+    path = storage.join(uri, "export.json")
+    if not storage.exists(path):
         raise FileNotFoundError(f"no exported checkpoint at {uri} (missing export.json)")
-    metadata = json.loads(fs.cat_file(path))
+    metadata = json.loads(storage.read_text(path))
     if metadata.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{uri}/export.json: schema version {metadata.get('schema_version')} "
                          f"is not {SCHEMA_VERSION}")
@@ -82,8 +71,7 @@ def read_metadata(uri: str) -> dict[str, Any]:
 def read_config(uri: str) -> Config:
     """The config of an exported checkpoint, without loading its weights."""
     read_metadata(uri)
-    fs, root = fsspec.core.url_to_fs(uri)
-    return Config.from_text(fs.cat_file(_join(root, "config.json")).decode())
+    return Config.from_text(storage.read_text(storage.join(uri, "config.json")))
 
 
 def load_exported(uri: str, device: torch.device | str = "cpu") -> Exported:
@@ -91,8 +79,7 @@ def load_exported(uri: str, device: torch.device | str = "cpu") -> Exported:
     against the recorded hash so a truncated upload fails loudly instead of sampling garbage."""
     metadata = read_metadata(uri)
     config = read_config(uri)
-    fs, root = fsspec.core.url_to_fs(uri)
-    blob = fs.cat_file(_join(root, "model.safetensors"))
+    blob = storage.read_bytes(storage.join(uri, "model.safetensors"))
     if hashlib.sha256(blob).hexdigest() != metadata["weights_sha256"]:
         raise ValueError(f"{uri}/model.safetensors does not match the hash in export.json (corrupt or partial)")
     model = build_model(config)

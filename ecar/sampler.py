@@ -17,10 +17,10 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import fsspec
 import numpy as np
 import torch
 
+from ecar import storage
 from ecar.config import Config, ConfigError
 from ecar.export import Exported, load_exported, read_config, read_metadata
 from ecar.log import get_logger
@@ -100,8 +100,6 @@ class ShardSampler:
         self.config = sampling_config(self.exported.config, overrides)
         self.output_uri, self.labels, self.batch_size = output_uri, labels, batch_size
         self.decode = decoder_factory(self.exported, self.device) if decoder_factory else None
-        self.fs, self.root = fsspec.core.url_to_fs(output_uri)
-        self.fs.makedirs(posixpath.join(self.root, "shards"), exist_ok=True)
 
     def generate(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model, scale = self.exported.model, self.exported.latent_scale
@@ -126,12 +124,8 @@ class ShardSampler:
             rows = shard_rows(shard, self.labels, self.config.model.num_classes, self.config.sampling.seed)
             buffer = io.BytesIO()
             np.savez(buffer, **self.generate(rows))
-            # write under a temporary name, then move: a killed job never leaves a half shard
-            final = posixpath.join(self.root, "shards", shard.name)
-            partial = final + ".partial"
-            with self.fs.open(partial, "wb") as handle:
-                handle.write(buffer.getvalue())
-            self.fs.mv(partial, final)
+            # atomic: a killed job never leaves a half shard under the final name
+            storage.write_bytes_atomic(storage.join(self.output_uri, "shards", shard.name), buffer.getvalue())
             written.append(shard.count)
         return {"start": batch["start"], "count": np.asarray(written, dtype=np.int64)}
 
@@ -139,26 +133,19 @@ class ShardSampler:
 def claim_output(output_uri: str, identity: dict[str, Any]) -> None:
     """Record what this output holds (run.json), or check that a re-run asks for the same thing:
     shards of another checkpoint or schedule must never be mixed into one sample set."""
-    fs, root = fsspec.core.url_to_fs(output_uri)
-    path = posixpath.join(root, "run.json")
-    if fs.exists(path):
-        recorded = json.loads(fs.cat_file(path))
+    path = storage.join(output_uri, "run.json")
+    if storage.exists(path):
+        recorded = json.loads(storage.read_text(path))
         if recorded != identity:
             changed = sorted(k for k in identity if recorded.get(k) != identity[k])
             raise ValueError(f"{output_uri} already holds samples of a different run (differs in "
                              f"{', '.join(changed)}); use a new output or delete it")
         return
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(path, "w") as handle:
-        handle.write(json.dumps(identity, indent=2))
+    storage.write_text_atomic(path, json.dumps(identity, indent=2))
 
 
 def existing_shards(output_uri: str) -> set[str]:
-    fs, root = fsspec.core.url_to_fs(output_uri)
-    folder = posixpath.join(root, "shards")
-    if not fs.exists(folder):
-        return set()
-    return {posixpath.basename(path) for path in fs.ls(folder, detail=False) if path.endswith(".npz")}
+    return {posixpath.basename(uri) for uri in storage.list_files(storage.join(output_uri, "shards"), ".npz")}
 
 
 def sample_to_storage(
@@ -221,21 +208,16 @@ def sample_to_storage(
         "shards": [{"name": shard.name, "start": shard.start, "count": shard.count} for shard in plan],
         "has_images": decoder_factory is not None,
     }
-    fs, root = fsspec.core.url_to_fs(output_uri)
-    partial = posixpath.join(root, "manifest.json.partial")
-    with fs.open(partial, "w") as handle:
-        handle.write(json.dumps(manifest, indent=2))
-    fs.mv(partial, posixpath.join(root, "manifest.json"))
+    storage.write_text_atomic(storage.join(output_uri, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
 
 
 def read_samples(output_uri: str, key: str = "images") -> dict[str, np.ndarray]:
     """All shards of a finished sampling run, concatenated in index order."""
-    fs, root = fsspec.core.url_to_fs(output_uri)
-    manifest = json.loads(fs.cat_file(posixpath.join(root, "manifest.json")))
+    manifest = json.loads(storage.read_text(storage.join(output_uri, "manifest.json")))
     parts: dict[str, list[np.ndarray]] = {}
     for shard in manifest["shards"]:
-        with np.load(io.BytesIO(fs.cat_file(posixpath.join(root, "shards", shard["name"])))) as data:
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(output_uri, "shards", shard["name"])))) as data:
             for name in ("index", "label", "seed", key):
                 parts.setdefault(name, []).append(data[name])
     return {name: np.concatenate(values) for name, values in parts.items()}

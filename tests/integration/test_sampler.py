@@ -65,7 +65,7 @@ def test_a_rerun_after_failure_fills_only_the_missing_shards(ray_local, checkpoi
     # a job killed half-way: one shard never written, no manifest, a stale partial file
     shards[1].unlink()
     (out / "manifest.json").unlink()
-    (out / "shards" / (shards[1].name + ".partial")).write_bytes(b"half")
+    (out / "shards" / f".{shards[1].name}.1234.partial").write_bytes(b"half")
     kept = {path.name: path.stat().st_mtime_ns for path in (shards[0], shards[2])}
     manifest = sample_to_storage(checkpoint, str(out), 12, shard_size=4, batch_size=4, cpus_per_actor=0.5)
     assert {path: (out / "shards" / path).stat().st_mtime_ns for path in kept} == kept
