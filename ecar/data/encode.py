@@ -1,0 +1,321 @@
+"""`encode`: prepared image shards -> latent Parquet shards + manifest, on Ray Data.
+
+Ray Data reads the pending image shards (`read_parquet`, with each row's file path), and an
+actor pool (`map_batches` with the callable `ShardEncoder`, `ActorPoolStrategy(size=
+data.encode_actors)`, `data.encode_batch_size` rows per call, one GPU per actor when the cluster
+has GPUs) decodes, checks and encodes the rows. The driver collects the encoded rows per input
+file and, once a file's rows are all back, writes that file's quarantine shard and then its
+latent shard under the same deterministic name. So:
+- a shard on storage is complete (one atomic write) and a re-run skips it;
+- rows + quarantined rows of every shard equal its input rows, checked before the manifest;
+- ids are unique across the data set, checked before the manifest;
+- the manifest is written last, atomically, only when every shard is there.
+The driver is the only writer, so no two actors can race on a shard name; what it handles per
+row is one latent (4 KB at 16x16x4), small next to the images the actors read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ecar import storage
+from ecar.config import Config, ConfigError
+from ecar.data import quarantine as q
+from ecar.data.manifest import (LATENT_DTYPE, SCHEMA_VERSION, latent_shard_uri, quarantine_shard_uri,
+                                write_manifest)
+from ecar.data.prepare import image_shard_uris, pixels_to_unit, read_images_manifest
+from ecar.data.shards import read_footer, read_table, write_table
+from ecar.data.sources import BadImage, decode_image, to_array, to_mode
+from ecar.log import get_logger
+from ecar.tokenizer import load_tokenizer
+
+log = get_logger(__name__)
+CLAIM_NAME = "encode.json"
+
+
+def latent_schema(dim: int, flip: bool) -> pa.Schema:
+    fields = [("id", pa.string()), ("label", pa.int64()), ("latent", pa.list_(pa.float32(), dim))]
+    if flip:
+        fields.append(("latent_flip", pa.list_(pa.float32(), dim)))
+    return pa.schema(fields)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class ShardEncoder:
+    """Ray Data actor: holds the tokenizer; checks and encodes a batch of image rows.
+
+    In: path, id, image (PNG bytes), label, source. Out: path, id, source, label (-1 when
+    unusable), reason ("" when the row is good, else the quarantine reason), latent (B, D)
+    float32 and, with flips, latent_flip (B, D); unusable rows carry zeros."""
+
+    def __init__(self, config: dict[str, Any], num_classes: int) -> None:
+        self.config = Config.from_dict(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_tokenizer(self.config).model.to(self.device)
+        self.num_classes = num_classes
+        self.size, self.channels = self.config.data.image_size, self.config.data.image_channels
+        self.flip = self.config.data.flip_augment
+
+    def _check(self, image: Any, label: Any) -> tuple[np.ndarray | None, str]:
+        if _is_missing(label):
+            return None, q.MISSING_LABEL
+        if not 0 <= int(label) < self.num_classes:
+            return None, f"{q.BAD_LABEL}: {int(label)} not in [0, {self.num_classes})"
+        if image is None:
+            return None, f"{q.UNDECODABLE}: no image data"
+        try:
+            picture = decode_image(bytes(image))
+        except BadImage as error:
+            return None, str(error) if str(error).startswith(q.UNDECODABLE) else f"{q.UNDECODABLE}: {error}"
+        if picture.size != (self.size, self.size):
+            return None, f"{q.WRONG_SIZE}: {picture.size[0]}x{picture.size[1]}, expected {self.size}x{self.size}"
+        return to_array(to_mode(picture, self.channels)), ""
+
+    @torch.no_grad()
+    def _encode(self, images_BCHW: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images_BCHW).to(self.device)
+        return self.model.encode(x).float().flatten(1).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        reasons, arrays, good = [""] * n, [], []
+        for row in range(n):
+            array, reason = self._check(batch["image"][row], batch["label"][row])
+            reasons[row] = reason
+            if array is not None:
+                arrays.append(array)
+                good.append(row)
+        dim = self.config.model.latent_channels * self.config.model.latent_size ** 2
+        latent = np.zeros((n, dim), dtype=np.float32)
+        flipped = np.zeros((n, dim), dtype=np.float32)
+        if good:
+            images = pixels_to_unit(np.stack(arrays))
+            latent[good] = self._encode(images)
+            if self.flip:
+                flipped[good] = self._encode(images[:, :, :, ::-1].copy())
+        for row in good:  # a tokenizer that diverged must not leak NaN into training
+            if not (np.isfinite(latent[row]).all() and np.isfinite(flipped[row]).all()):
+                reasons[row] = "non-finite latent"
+        labels = np.asarray([-1 if r else int(batch["label"][i]) for i, r in enumerate(reasons)], dtype=np.int64)
+        out = {"path": batch["path"], "id": np.asarray([str(i) if not _is_missing(i) else "" for i in batch["id"]], dtype=object),
+               "source": np.asarray([str(s) if s is not None else "" for s in batch["source"]], dtype=object),
+               "label": labels, "reason": np.asarray(reasons, dtype=object), "latent": latent}
+        if self.flip:
+            out["latent_flip"] = flipped
+        return out
+
+
+def _claim(prefix: str, identity: dict[str, Any], config: Config) -> None:
+    """Record what this output holds, or refuse a re-run that would mix another tokenizer's
+    (or another input's) latents into the same shards."""
+    uri = storage.join(prefix, CLAIM_NAME)
+    if storage.exists(uri, config.storage):
+        recorded = json.loads(storage.read_text(uri, config.storage))
+        if recorded != identity:
+            changed = sorted(k for k in identity if recorded.get(k) != identity.get(k))
+            raise ValueError(f"{prefix} already holds latents of a different encode run (differs in "
+                             f"{', '.join(changed)}); use a new output or delete it")
+        return
+    storage.write_text_atomic(uri, json.dumps(identity, indent=2), config.storage)
+
+
+def _write_shard(prefix: str, split: str, name: str, pieces: list[dict[str, np.ndarray]], config: Config) -> None:
+    """Sort the file's rows by id (a deterministic order however blocks arrived), quarantine
+    bad and duplicate rows, write the quarantine shard and then the latent shard."""
+    flip = config.data.flip_augment
+    columns = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
+    ids = columns.get("id", np.asarray([], dtype=object)).astype(str)
+    order = np.argsort(ids, kind="stable")
+    bad = q.Quarantine()
+    keep: list[int] = []
+    previous = None
+    for row in order:
+        id, reason = ids[row], columns["reason"][row]
+        if not id:
+            reason = reason or "missing id"
+        elif id == previous:
+            reason = reason or q.DUPLICATE_ID
+        if reason:
+            bad.add(id, columns["source"][row], reason)
+        else:
+            keep.append(row)
+        previous = id or previous
+    dim = config.model.latent_channels * config.model.latent_size ** 2
+    latent = columns["latent"][keep] if keep else np.zeros((0, dim), np.float32)
+    arrays = {"id": pa.array(ids[keep] if keep else [], pa.string()),
+              "label": pa.array(columns["label"][keep] if keep else [], pa.int64()),
+              "latent": pa.FixedSizeListArray.from_arrays(pa.array(latent.reshape(-1), pa.float32()), dim)}
+    if flip:
+        flipped = columns["latent_flip"][keep] if keep else np.zeros((0, dim), np.float32)
+        arrays["latent_flip"] = pa.FixedSizeListArray.from_arrays(pa.array(flipped.reshape(-1), pa.float32()), dim)
+    table = pa.table(arrays, schema=latent_schema(dim, flip))
+    values = latent.astype(np.float64)
+    stats = {"rows": len(keep), "sum": float(values.sum()), "sum_squares": float((values ** 2).sum()),
+             "values": int(values.size)}
+    bad.write(quarantine_shard_uri(prefix, split, name), config.storage)
+    write_table(latent_shard_uri(prefix, split, name), table, config.storage, metadata=stats)
+
+
+def encode_latents(config: Config, images_uri: str, output_uri: str,
+                   fault_after_shards: int | None = None,
+                   on_shard: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """Encode every prepared image shard under `images_uri` into `output_uri`; returns the manifest.
+
+    `fault_after_shards` (tests): raise after writing that many shards in this run, as a job
+    killed half-way would stop. `on_shard(split, name)` is called after each shard is written.
+    Needs Ray running.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    images = read_images_manifest(images_uri, config)
+    if (images["image_size"], images["image_channels"]) != (config.data.image_size, config.data.image_channels):
+        raise ConfigError(f"data.image_size: the shards at {images_uri} hold {images['image_size']}x"
+                          f"{images['image_size']}x{images['image_channels']} images, the config asks for "
+                          f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}")
+    class_names = images["class_names"]
+    if len(class_names) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes: {config.model.num_classes} but the images have "
+                          f"{len(class_names)} classes")
+    tokenizer = load_tokenizer(config)  # fail here, before any actor starts
+    shape = list(tokenizer.model.encode(torch.zeros(1, config.data.image_channels, config.data.image_size,
+                                                    config.data.image_size)).shape[1:])
+    expected = [config.model.latent_channels, config.model.latent_size, config.model.latent_size]
+    if shape != expected:
+        raise ConfigError(f"model.latent_size: the tokenizer makes {shape} latents, the config expects {expected}")
+    _claim(output_uri, {"tokenizer": tokenizer.identity, "images_uri": images_uri,
+                        "flip_augment": config.data.flip_augment, "latent_shape": shape}, config)
+
+    # which input files still need a latent shard
+    filesystem, _ = storage.arrow_fs(images_uri, config.storage)
+    pending: dict[str, tuple[str, str, int]] = {}  # arrow path -> (split, shard name, input rows)
+    for split in images["splits"]:
+        for uri in image_shard_uris(images_uri, split, images):
+            name = uri.rsplit("/", 1)[-1]
+            if storage.exists(latent_shard_uri(output_uri, split, name), config.storage):
+                continue
+            pending[storage.arrow_fs(uri, config.storage)[1]] = (split, name, read_footer(uri, config.storage)[0])
+    total = sum(len(s["shards"]) for s in images["splits"].values())
+    log.info("encode: %d image shards, %d already encoded, %d to do", total, total - len(pending), len(pending))
+
+    written = 0
+
+    def finished(split: str, name: str, pieces: list[dict[str, np.ndarray]]) -> None:
+        nonlocal written
+        _write_shard(output_uri, split, name, pieces, config)
+        written += 1
+        log.info("encode: wrote %s/%s (%d this run)", split, name, written)
+        if on_shard:
+            on_shard(split, name)
+        if fault_after_shards is not None and written >= fault_after_shards:
+            raise RuntimeError(f"fault injected after {written} shards")
+
+    for path, (split, name, rows) in list(pending.items()):
+        if rows == 0:  # nothing to stream: an empty shard is complete at once
+            finished(split, name, [])
+            del pending[path]
+    if pending:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        dataset = ray.data.read_parquet(list(pending), filesystem=filesystem, include_paths=True,
+                                        columns=["id", "image", "label", "source"])
+        encoded = dataset.map_batches(
+            ShardEncoder,
+            fn_constructor_kwargs={"config": config.to_dict(), "num_classes": len(class_names)},
+            batch_size=config.data.encode_batch_size,
+            compute=ActorPoolStrategy(size=config.data.encode_actors),
+            num_cpus=config.data.encode_cpus_per_actor,
+            num_gpus=gpus,
+        )
+        buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+        received: dict[str, int] = defaultdict(int)
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            paths = batch["path"]
+            for path in np.unique(paths):
+                mask = paths == path
+                buffers[path].append({k: v[mask] for k, v in batch.items() if k != "path"})
+                received[path] += int(mask.sum())
+                split, name, rows = pending[path]
+                if received[path] == rows:
+                    finished(split, name, buffers.pop(path))
+                elif received[path] > rows:
+                    raise RuntimeError(f"{path}: received {received[path]} rows, the file holds {rows}")
+        if buffers:
+            raise RuntimeError(f"{len(buffers)} input files came back incomplete (first: {next(iter(buffers))})")
+    return finalize(config, images_uri, images, output_uri, tokenizer.identity, shape)
+
+
+def finalize(config: Config, images_uri: str, images: dict[str, Any], output_uri: str,
+             tokenizer_identity: dict[str, Any], shape: list[int]) -> dict[str, Any]:
+    """Check every shard (present; rows + quarantined = input rows; ids unique), apply the
+    quarantine limit, measure the latent scale from the shard footers, write the manifest."""
+    store = config.storage
+    splits: dict[str, Any] = {}
+    totals = {"sum": 0.0, "sum_squares": 0.0, "values": 0}
+    scale_split = "train" if "train" in images["splits"] else next(iter(images["splits"]))
+    for split in images["splits"]:
+        shards, seen, quarantine_uris, rows_total, input_total = [], {}, [], 0, 0
+        for uri in image_shard_uris(images_uri, split, images):
+            name = uri.rsplit("/", 1)[-1]
+            latent_uri = latent_shard_uri(output_uri, split, name)
+            if not storage.exists(latent_uri, store):
+                raise RuntimeError(f"{latent_uri} is missing; re-run the encode job to finish it")
+            rows, stats, _ = read_footer(latent_uri, store)
+            quarantine_uri = quarantine_shard_uri(output_uri, split, name)
+            quarantined = read_footer(quarantine_uri, store)[0]
+            input_rows = read_footer(uri, store)[0]
+            if rows + quarantined != input_rows:
+                raise RuntimeError(f"{latent_uri}: {rows} rows + {quarantined} quarantined != {input_rows} input rows")
+            for id in read_table(latent_uri, store, columns=["id"]).column("id").to_pylist():
+                if id in seen:
+                    raise ValueError(f"duplicate id {id!r} in {latent_uri} and {seen[id]}")
+                seen[id] = latent_uri
+            if split == scale_split:
+                for key in totals:
+                    totals[key] += stats[key]
+            shards.append({"name": name, "rows": rows, "quarantined": quarantined})
+            quarantine_uris.append(quarantine_uri)
+            rows_total += rows
+            input_total += input_rows
+        table = q.read_quarantine(quarantine_uris, store)
+        q.check_limit(f"encode {split}", table, input_total, config.data.quarantine_limit)
+        splits[split] = {"rows": rows_total, "quarantined": table.num_rows, "input_rows": input_total,
+                         "quarantine_reasons": q.counts_by_reason(table), "shards": shards}
+    if totals["values"] == 0:
+        raise ValueError(f"no usable rows in the {scale_split} split: cannot measure the latent scale")
+    mean = totals["sum"] / totals["values"]
+    std = math.sqrt(max(totals["sum_squares"] / totals["values"] - mean ** 2, 0.0))
+    if std == 0.0:
+        raise ValueError("the latents have zero variance: the tokenizer is degenerate")
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "latents",
+        "tokenizer": tokenizer_identity,
+        "latent_shape": shape,
+        "latent_dtype": LATENT_DTYPE,
+        "latent_scale": 1.0 / std,
+        "latent_mean": mean,
+        "latent_std": std,
+        "scale_split": scale_split,
+        "flip_augment": config.data.flip_augment,
+        "num_classes": len(images["class_names"]),
+        "class_names": images["class_names"],
+        "image_size": config.data.image_size,
+        "image_channels": config.data.image_channels,
+        "source": {"images_uri": images_uri, **images["source"]},
+        "splits": splits,
+        "quarantined": sum(s["quarantined"] for s in splits.values()),
+    }
+    write_manifest(output_uri, manifest, store)
+    log.info("encode: manifest written: %s", ", ".join(f"{k} {v['rows']} rows ({v['quarantined']} quarantined)"
+                                                     for k, v in splits.items()))
+    return manifest

@@ -1,0 +1,73 @@
+"""The latent data set's manifest: what every consumer of the latents trusts.
+
+`PREFIX/manifest.json` (written last, atomically, only when every shard is complete):
+
+    schema_version   int, SCHEMA_VERSION
+    kind             "latents"
+    tokenizer        {kind, uri, sha256}: which tokenizer made the latents (content hash)
+    latent_shape     [C, h, w];  latent_dtype "float32"
+    latent_scale     1 / std of the train split's latent values: training uses scale * latent,
+                     decoding divides by it (never a literal in code)
+    latent_mean, latent_std   the measured statistics behind the scale
+    flip_augment     whether shards carry `latent_flip` (latent of the mirrored image)
+    num_classes, class_names
+    image_size, image_channels, source {images_uri, kind, uri}
+    splits           {split: {rows, quarantined, input_rows, quarantine_reasons, shards: [{name, rows, quarantined}]}}
+    quarantined      total quarantined rows
+
+Shards: `PREFIX/latents/SPLIT/shard-NNNNN.parquet` with columns id (string), label (int64),
+latent (fixed_size_list<float32>[C*h*w], C-major: reshape to (C, h, w)) and optionally
+latent_flip (same type). Quarantine: `PREFIX/quarantine/SPLIT/shard-NNNNN.parquet`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ecar import storage
+from ecar.config import StorageConfig
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LATENT_DTYPE = "float32"
+
+
+def manifest_location(uri: str) -> tuple[str, str]:
+    """(prefix, manifest file URI) for a prefix or a manifest.json URI."""
+    if uri.rstrip("/").endswith(".json"):
+        prefix = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+        return prefix, uri
+    return uri, storage.join(uri, MANIFEST_NAME)
+
+
+def latent_shard_uri(prefix: str, split: str, name: str) -> str:
+    return storage.join(prefix, "latents", split, name)
+
+
+def quarantine_shard_uri(prefix: str, split: str, name: str) -> str:
+    return storage.join(prefix, "quarantine", split, name)
+
+
+def write_manifest(prefix: str, manifest: dict[str, Any], storage_config: StorageConfig | None = None) -> str:
+    uri = storage.join(prefix, MANIFEST_NAME)
+    storage.write_text_atomic(uri, json.dumps(manifest, indent=2), storage_config)
+    return uri
+
+
+def read_manifest(uri: str, storage_config: StorageConfig | None = None) -> dict[str, Any]:
+    """The manifest at a prefix or manifest.json URI, with `prefix` added; clear errors when it
+    is missing (the encode job has not finished) or of another schema."""
+    prefix, location = manifest_location(uri)
+    if not storage.exists(location, storage_config):
+        raise FileNotFoundError(f"no latent manifest at {location} (has `ecar encode` finished?)")
+    manifest = json.loads(storage.read_text(location, storage_config))
+    if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("kind") != "latents":
+        raise ValueError(f"{location}: not a latent manifest of schema version {SCHEMA_VERSION}")
+    return {**manifest, "prefix": prefix}
+
+
+def shard_uris(manifest: dict[str, Any], split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise ValueError(f"the latent data set has no split {split!r} (splits: {', '.join(manifest['splits'])})")
+    return [latent_shard_uri(manifest["prefix"], split, s["name"]) for s in manifest["splits"][split]["shards"]]
