@@ -1,0 +1,304 @@
+"""The data pipeline's pieces without a Ray cluster: storage (local and loopback S3), sources and
+prepare's quarantine, the tokenizer and FID, the latent reader's validation, job error lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ecar import storage
+from ecar.config import ConfigError
+from ecar.data import quarantine as q
+from ecar.data.encode import ShardEncoder, _write_shard, finalize
+from ecar.data.manifest import MANIFEST_NAME, read_manifest
+from ecar.data.prepare import image_shard_uris, prepare_images, read_image_split, read_images_manifest
+from ecar.data.reader import LatentValidationError, validate_latents
+from ecar.data.shards import read_table, write_table
+from ecar.data.sources import ImageFolderSource, ParquetSource
+from ecar.evaluation.fid import frechet_distance, inception_features
+from ecar.presets import get_config
+from ecar.tokenizer import load_tokenizer
+from ecar.tokenizer.train import EfficientNetFeatures, perceptual_distance, vae_shape
+from ecar.tokenizer.vae import KLVAE, load_vae, save_vae
+
+pytestmark = pytest.mark.unit
+
+
+def png(size: tuple[int, int] = (16, 16), mode: str = "L", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----- storage --------------------------------------------------------------------------------
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def root(request, tmp_storage):
+    return tmp_storage if request.param == "local" else request.getfixturevalue("s3_prefix")
+
+
+def test_storage_round_trip_atomic_writes_and_listing(root):
+    target = storage.join(root, "a", "x.json")
+    assert not storage.exists(target)
+    storage.write_text_atomic(target, '{"v": 1}')
+    storage.write_text_atomic(target, '{"v": 2}')  # replaces whole
+    assert json.loads(storage.read_text(target)) == {"v": 2}
+    write_table(storage.join(root, "a", "t.parquet"), pa.table({"n": [1, 2, 3]}), metadata={"rows": 3})
+    assert storage.list_files(storage.join(root, "a")) == [storage.join(root, "a", n) for n in ("t.parquet", "x.json")]
+    assert storage.list_files(storage.join(root, "missing")) == []
+    fs, path = storage.arrow_fs(storage.join(root, "a", "t.parquet"))
+    assert pq.read_table(path, filesystem=fs).column("n").to_pylist() == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.read_bytes(storage.join(root, "nope"))
+
+
+def test_storage_rejects_unknown_schemes():
+    with pytest.raises(ValueError, match="unsupported storage scheme"):
+        storage.arrow_fs("gs://bucket/x")
+
+
+# ----- sources and prepare ----------------------------------------------------------------------
+def test_prepare_quarantines_bad_files_of_an_image_folder(tmp_path, tmp_storage):
+    tree = tmp_path / "tree"
+    for folder in ("coat", "shirt"):
+        (tree / folder).mkdir(parents=True)
+    (tree / "coat" / "a.png").write_bytes(png((16, 16)))
+    (tree / "coat" / "b.png").write_bytes(png((40, 20), "RGB"))  # resized + cropped, made gray
+    (tree / "coat" / "truncated.png").write_bytes(png((16, 16))[:60])
+    (tree / "shirt" / "notes.txt").write_text("not an image")
+    (tree / "loose.png").write_bytes(png())  # no class folder: no label
+    config = get_config("ecar-debug", {"data.source": "image_folder", "data.source_uri": str(tree),
+                                       "data.quarantine_limit": 1.0, "model.num_classes": 2})
+    source = ImageFolderSource(str(tree))
+    assert source.class_names() == ["coat", "shirt"]
+    manifest = prepare_images(config, tmp_storage)
+    split = manifest["splits"]["train"]
+    assert (split["rows"], split["quarantined"]) == (2, 3)
+    assert split["quarantine_reasons"] == {q.MISSING_LABEL: 1, q.UNDECODABLE: 2}
+    table = q.read_quarantine([storage.join(tmp_storage, "quarantine", "train", "shard-00000.parquet")])
+    reasons = {row["id"]: row["reason"] for row in table.to_pylist()}
+    assert reasons["train/loose.png"] == q.MISSING_LABEL
+    assert reasons["train/coat/truncated.png"].startswith(q.UNDECODABLE)
+    assert reasons["train/shirt/notes.txt"].startswith(q.UNDECODABLE)
+    images = read_image_split(tmp_storage, "train", 10, config)
+    assert images.shape == (2, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    strict = config.override({"data.quarantine_limit": 0.1})
+    with pytest.raises(q.QuarantineLimitExceeded, match=r"3 of 5 rows quarantined .*missing label"):
+        prepare_images(strict, storage.join(tmp_storage, "again"))
+    assert not storage.exists(storage.join(tmp_storage, "again", "images.json"))
+
+
+def test_prepare_from_parquet_shards_reruns_only_missing_shards(tmp_path, tmp_storage):
+    source_root = tmp_path / "parquet"
+    (source_root / "train").mkdir(parents=True)
+    rows = [{"image": png(seed=i), "label": i % 3 if i != 4 else None} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), source_root / "train" / "part-0.parquet")
+    config = get_config("ecar-debug", {"data.source": "parquet", "data.source_uri": str(source_root),
+                                       "data.shard_rows": 4, "data.quarantine_limit": 0.5})
+    first = prepare_images(config, tmp_storage)
+    assert first["splits"]["train"]["rows"] == 9 and first["splits"]["train"]["quarantined"] == 1
+    shard = storage.join(tmp_storage, "train", "shard-00001.parquet")
+    storage.delete(shard)
+    storage.delete(storage.join(tmp_storage, "images.json"))
+    kept = storage.read_bytes(storage.join(tmp_storage, "train", "shard-00000.parquet"))
+    assert prepare_images(config, tmp_storage) == first
+    assert storage.read_bytes(storage.join(tmp_storage, "train", "shard-00000.parquet")) == kept
+    assert ParquetSource(str(source_root), num_classes=3).keys("train")[:2] == ["part-0.parquet#0", "part-0.parquet#1"]
+
+
+def test_fashion_mnist_is_resized_to_the_configured_resolution(tmp_storage):
+    config = get_config("ecar-fmnist", {"data.shard_rows": 8})
+    manifest = prepare_images(config, tmp_storage, splits=["test"], limit_per_split=8)
+    assert manifest["class_names"][9] == "Ankle boot"
+    images = read_image_split(tmp_storage, "test", 8, config)
+    assert images.shape == (8, 1, 32, 32)
+
+
+# ----- tokenizer and FID ------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, latent", [("ecar-debug", (4, 8, 8)), ("ecar-fmnist", (4, 16, 16))])
+def test_vae_maps_images_to_the_configured_latent(preset, latent):
+    config = get_config(preset)
+    model = KLVAE(vae_shape(config)).eval()
+    images = torch.rand(2, 1, config.data.image_size, config.data.image_size) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(images)
+        assert tuple(z.shape[1:]) == latent
+        assert model.decode(z).shape == images.shape
+
+
+def test_tokenizer_checkpoint_round_trip_and_checks(tmp_storage):
+    config = get_config("ecar-debug")
+    model = KLVAE(vae_shape(config))
+    uri = storage.join(tmp_storage, "tok")
+    description = save_vae(model, uri, config.data.image_size)
+    loaded, again = load_vae(uri)
+    assert again["weights_sha256"] == description["weights_sha256"]
+    x = torch.rand(1, 1, 16, 16)
+    torch.testing.assert_close(loaded.encode(x), model.eval().encode(x))
+    tokenizer = load_tokenizer(config.override({"tokenizer.checkpoint_uri": uri}))
+    assert tokenizer.identity == {"kind": "kl_vae", "uri": uri, "sha256": description["weights_sha256"]}
+    with pytest.raises(ConfigError, match="model.latent_channels"):
+        load_tokenizer(config.override({"tokenizer.checkpoint_uri": uri, "model.latent_channels": 8}))
+    with pytest.raises(ConfigError, match="tokenizer.checkpoint_uri"):
+        load_tokenizer(config)
+    blob = bytearray(storage.read_bytes(storage.join(uri, "tokenizer.safetensors")))
+    blob[-1] ^= 0xFF
+    storage.write_bytes_atomic(storage.join(uri, "tokenizer.safetensors"), bytes(blob))
+    with pytest.raises(ValueError, match="does not match the hash"):
+        load_vae(uri)
+
+
+def test_diffusers_tokenizer_needs_the_optional_package(tmp_path):
+    pytest.importorskip("ecar")
+    try:
+        import diffusers  # noqa: F401
+        pytest.skip("diffusers is installed here")
+    except ImportError:
+        pass
+    config = get_config("ecar-debug", {"tokenizer.kind": "diffusers", "tokenizer.checkpoint_uri": str(tmp_path)})
+    with pytest.raises(ImportError, match="optional package `diffusers`"):
+        load_tokenizer(config)
+
+
+def test_perceptual_features_load_the_shipped_weights():
+    features = EfficientNetFeatures()
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    maps = features(x)
+    assert [m.shape[1] for m in maps] == [24, 40, 112]
+    assert float(perceptual_distance(features, x, x)) == 0.0
+    assert float(perceptual_distance(features, x, -x)) > 0.0
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma1, sigma2 = a @ a.T + np.eye(6), np.diag(np.arange(1.0, 7.0))
+    mu1, mu2 = np.zeros(6), np.ones(6)
+    import scipy.linalg
+
+    expected = 6.0 + np.trace(sigma1 + sigma2 - 2 * scipy.linalg.sqrtm(sigma1 @ sigma2).real)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_inception_features_are_2048_dimensional():
+    features = inception_features(torch.rand(2, 1, 16, 16) * 2 - 1)
+    assert features.shape == (2, 2048) and np.isfinite(features).all()
+
+
+# ----- the latent reader's validation -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def latent_set(tmp_path_factory):
+    """A small latent data set made by the encode code path, without Ray: ShardEncoder on each
+    prepared shard, then _write_shard and finalize."""
+    root = tmp_path_factory.mktemp("latents")
+    images_uri, output = str(root / "images"), str(root / "latents")
+    tokenizer_uri = str(root / "tok")
+    base = get_config("ecar-debug", {"data.shard_rows": 8})
+    prepare_images(base, images_uri, splits=["train"], limit_per_split=20)
+    torch.manual_seed(0)
+    save_vae(KLVAE(vae_shape(base)), tokenizer_uri, 16)
+    config = base.override({"tokenizer.checkpoint_uri": tokenizer_uri})
+    encoder = ShardEncoder(config.to_dict(), num_classes=10)
+    images = read_images_manifest(images_uri, config)
+    for uri in image_shard_uris(images_uri, "train", images):
+        batch = {k: np.asarray(v, dtype=object) for k, v in read_table(uri).to_pydict().items()}
+        batch["path"] = np.asarray([uri] * len(batch["id"]), dtype=object)
+        out = encoder(batch)
+        _write_shard(output, "train", uri.rsplit("/", 1)[-1], [{k: v for k, v in out.items() if k != "path"}], config)
+    identity = load_tokenizer(config).identity
+    finalize(config, images_uri, images, output, identity, [4, 8, 8])
+    return output
+
+
+def _corrupt(kind: str, prefix: str) -> str:
+    """Apply one corruption to a copy of the latent set; returns what the error must name."""
+    shard = storage.join(prefix, "latents", "train", "shard-00001.parquet")
+    manifest_uri = storage.join(prefix, MANIFEST_NAME)
+    manifest = json.loads(storage.read_text(manifest_uri))
+    table = read_table(shard)
+    if kind == "nan":
+        latent = table.column("latent").combine_chunks().flatten().to_numpy().copy()
+        latent[3 * 256 + 17] = np.nan
+        column = pa.FixedSizeListArray.from_arrays(pa.array(latent, pa.float32()), 256)
+        write_table(shard, table.set_column(2, "latent", column))
+        return r"shard-00001.parquet: row 3 .* NaN or Inf"
+    if kind == "rows":
+        manifest["splits"]["train"]["shards"][1]["rows"] += 1
+        storage.write_text_atomic(manifest_uri, json.dumps(manifest))
+        return r"shard-00001.parquet: 8 rows, the manifest says 9"
+    if kind == "dtype":
+        latent = table.column("latent").combine_chunks().flatten().to_numpy().astype(np.float16)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(latent, pa.float16()), 256)
+        write_table(shard, table.set_column(2, "latent", column))
+        return r"shard-00001.parquet: `latent` is fixed_size_list<\w+: halffloat>\[256\], the manifest says float32"
+    if kind == "shape":
+        manifest["latent_shape"] = [4, 16, 16]
+        storage.write_text_atomic(manifest_uri, json.dumps(manifest))
+        return r"shard-00000.parquet: `latent` is .* the manifest says float32 x 1024"
+    if kind == "label":
+        labels = table.column("label").to_numpy().copy()
+        labels[5] = 10
+        write_table(shard, table.set_column(1, "label", pa.array(labels, pa.int64())))
+        return r"shard-00001.parquet: row 5 has label 10, not in \[0, 10\)"
+    if kind == "missing":
+        storage.delete(shard)
+        return r"shard-00001.parquet: listed in the manifest but missing"
+    raise AssertionError(kind)
+
+
+def test_an_intact_latent_set_validates(latent_set):
+    manifest = validate_latents(latent_set)
+    assert manifest["splits"]["train"]["rows"] == 20
+    assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 4]
+    assert manifest["latent_scale"] == pytest.approx(1 / manifest["latent_std"])
+
+
+@pytest.mark.parametrize("kind", ["nan", "rows", "dtype", "shape", "label", "missing"])
+def test_the_reader_names_the_file_and_row_of_the_first_violation(latent_set, tmp_path, kind):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(latent_set, copy)
+    expected = _corrupt(kind, copy)
+    with pytest.raises(LatentValidationError, match=expected):
+        validate_latents(copy)
+
+
+def test_a_missing_manifest_is_a_clear_error(tmp_storage):
+    with pytest.raises(FileNotFoundError, match="has `ecar encode` finished"):
+        read_manifest(tmp_storage)
+
+
+# ----- config and job error lines ------------------------------------------------------------------
+@pytest.mark.parametrize("override, key", [
+    ({"data.quarantine_limit": 1.5}, "data.quarantine_limit"),
+    ({"data.encode_actors": 0}, "data.encode_actors"),
+    ({"data.encode_batch_size": 0}, "data.encode_batch_size"),
+    ({"tokenizer.width": 0}, "tokenizer.width"),
+    ({"tokenizer.fid_images": 1}, "tokenizer.fid_images"),
+    ({"data.image_size": 24}, "data.image_size"),
+])
+def test_data_and_tokenizer_keys_are_validated_by_name(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        get_config("ecar-debug", override)
+
+
+@pytest.mark.parametrize("job", ["prepare", "train_tokenizer", "encode"])
+def test_jobs_print_one_line_and_return_2_for_user_errors(job, capsys, tmp_path):
+    import importlib
+
+    module = importlib.import_module(f"jobs.{job}")
+    assert module.main(["--preset", "ecar-debug", "data.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown config key data.no_such_key" in err
+    if job != "prepare":
+        assert module.main(["--preset", "ecar-debug", "--images", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+        assert "run `ecar prepare` first" in capsys.readouterr().err
