@@ -83,6 +83,20 @@ def sampling_config(config: Config, overrides: list[str]) -> Config:
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
+def tokenizer_decoder(exported: Exported, device: torch.device) -> Decoder | None:
+    """Decode with the tokenizer that made the training latents (named by the latent manifest
+    the checkpoint was trained on); None when the checkpoint names no manifest."""
+    if not exported.manifest_uri:
+        return None
+    from ecar.data.manifest import read_manifest
+    from ecar.tokenizer import load_tokenizer
+
+    identity = read_manifest(exported.manifest_uri, exported.config.storage)["tokenizer"]
+    config = exported.config.override({"tokenizer.kind": identity["kind"], "tokenizer.checkpoint_uri": identity["uri"]})
+    tokenizer = load_tokenizer(config).model.to(device)
+    return tokenizer.decode
+
+
 class ShardSampler:
     """Ray Data actor: loads the exported model once, then generates and writes whole shards."""
 
@@ -158,7 +172,7 @@ def sample_to_storage(
     batch_size: int = 64,
     actors: int = 1,
     cpus_per_actor: float = 1.0,
-    decoder_factory: Callable[[Exported, torch.device], Decoder | None] | None = None,
+    decoder_factory: Callable[[Exported, torch.device], Decoder | None] | None = tokenizer_decoder,
 ) -> dict[str, Any]:
     """Generate `num_images` images into `output_uri` (shards + manifest.json); returns the manifest.
 
@@ -170,7 +184,8 @@ def sample_to_storage(
     overrides = list(overrides)
     config = sampling_config(read_config(checkpoint_uri), overrides)  # fail before any actor starts
     plan = plan_shards(num_images, shard_size)
-    identity = {"checkpoint_weights_sha256": read_metadata(checkpoint_uri)["weights_sha256"],
+    metadata = read_metadata(checkpoint_uri)
+    identity = {"checkpoint_weights_sha256": metadata["weights_sha256"],
                 "overrides": overrides, "labels": labels, "num_images": num_images, "shard_size": shard_size}
     claim_output(output_uri, identity)
     done = existing_shards(output_uri)
@@ -206,10 +221,15 @@ def sample_to_storage(
         "steps_per_stage": list(config.flow.steps_per_stage),
         "sampling": dataclasses.asdict(config.sampling),
         "shards": [{"name": shard.name, "start": shard.start, "count": shard.count} for shard in plan],
-        "has_images": decoder_factory is not None,
+        "has_images": "images" in shard_keys(storage.join(output_uri, "shards", plan[0].name)),
     }
     storage.write_text_atomic(storage.join(output_uri, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
+
+
+def shard_keys(uri: str) -> set[str]:
+    with np.load(io.BytesIO(storage.read_bytes(uri))) as data:
+        return set(data.files)
 
 
 def read_samples(output_uri: str, key: str = "images") -> dict[str, np.ndarray]:

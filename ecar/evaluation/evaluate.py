@@ -1,0 +1,128 @@
+"""Judging a sample set against the data: FID, precision/recall, and the cost of sampling.
+
+Reference features of the real images are computed once per (split, count) and cached on
+storage next to the latent manifest (`PREFIX/reference/inception-SPLIT-N.npz`), so every
+evaluation against that data set reuses them. FID on a few thousand images is biased upwards
+against FID-50k: compare only numbers measured with the same N (it is recorded).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecar import storage
+from ecar.config import Config
+from ecar.data.manifest import read_manifest
+from ecar.data.prepare import read_image_split
+from ecar.evaluation.fid import feature_statistics, frechet_distance, inception_features
+from ecar.evaluation.manifold import precision_recall
+from ecar.export import load_exported
+from ecar.log import get_logger
+from ecar.sampler import read_samples, sampling_config
+
+log = get_logger(__name__)
+
+
+def device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference_features(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
+    """(N, 2048) Inception features of the first N real images of `split`, cached on storage."""
+    manifest = read_manifest(manifest_uri, config.storage)
+    cache = storage.join(manifest["prefix"], "reference", f"inception-{split}-{num_images}.npz")
+    if storage.exists(cache, config.storage):
+        with np.load(io.BytesIO(storage.read_bytes(cache, config.storage))) as data:
+            log.info("reference features from the cache %s", cache)
+            return data["features"].astype(np.float64)
+    images_uri = manifest["source"]["images_uri"]
+    images = read_image_split(images_uri, split, num_images, config)
+    if images.shape[0] < num_images:
+        raise ValueError(f"{images_uri}/{split} holds {images.shape[0]} images, fewer than the {num_images} asked for")
+    features = inception_features(images, device=device_name())
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features.astype(np.float32), split=split, images_uri=images_uri)
+    storage.write_bytes_atomic(cache, buffer.getvalue(), config.storage)
+    log.info("cached reference features of %d %s images at %s", num_images, split, cache)
+    return features.astype(np.float32).astype(np.float64)
+
+
+def quality_metrics(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3) -> dict[str, float]:
+    """FID, precision and recall of generated features against real ones."""
+    fid = frechet_distance(*feature_statistics(real_ND), *feature_statistics(fake_MD))
+    manifold = precision_recall(torch.from_numpy(real_ND), torch.from_numpy(fake_MD), k)
+    return {"fid": fid, **manifold, "real_images": int(real_ND.shape[0]), "fake_images": int(fake_MD.shape[0])}
+
+
+def images_to_unit(images_NHWC: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    return torch.from_numpy(images_NHWC).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def sampling_latency(model: torch.nn.Module, config: Config, batch_sizes: tuple[int, ...] = (1, 16),
+                     repeats: int = 3) -> dict[str, float]:
+    """Median seconds per image of `generate` at each batch size (after one warm-up call)."""
+    device = next(model.parameters()).device
+    out: dict[str, float] = {}
+    model.generate(torch.zeros(1, dtype=torch.long, device=device), config.sampling,
+                   steps_per_stage=config.flow.steps_per_stage)
+    for batch in batch_sizes:
+        labels = torch.arange(batch, device=device) % config.model.num_classes
+        times = []
+        for repeat in range(repeats):
+            generator = torch.Generator(device).manual_seed(repeat)
+            start = time.perf_counter()
+            model.generate(labels, config.sampling, generator, config.flow.steps_per_stage)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) / batch)
+        out[f"latency_s_per_image_b{batch}"] = statistics.median(times)
+    return out
+
+
+def sampling_cost(config: Config) -> dict[str, float]:
+    """FLOPs of one generated image (and of its VAE decode), counted by running the code."""
+    from ecar.flops import count
+
+    report = count(config)
+    cost = {"sampling_gflops": report.generation_total / 1e9}
+    if report.decode is not None:
+        cost["decode_gflops"] = report.decode / 1e9
+    return cost
+
+
+def evaluate_samples(
+    samples_uri: str,
+    manifest_uri: str = "",
+    split: str = "test",
+    reference_images: int = 0,
+    latency_batches: tuple[int, ...] = (1, 16),
+) -> dict[str, Any]:
+    """Metrics of a finished sampling run (see `ecar sample`) against the latent data set's real
+    images: quality (FID, precision, recall) and cost (FLOPs and latency per image)."""
+    samples_manifest = json.loads(storage.read_text(storage.join(samples_uri, "manifest.json")))
+    if not samples_manifest.get("has_images"):
+        raise ValueError(f"{samples_uri} holds latents only (its checkpoint names no latent manifest, "
+                         "so there was no tokenizer to decode them)")
+    exported = load_exported(samples_manifest["checkpoint_uri"], device_name())
+    config = sampling_config(exported.config, samples_manifest["overrides"])
+    samples = read_samples(samples_uri, "images")
+    fake = inception_features(images_to_unit(samples["images"]), device=device_name())
+    count = reference_images or len(fake)
+    real = reference_features(manifest_uri or exported.manifest_uri, split, count, config)
+    metrics: dict[str, Any] = quality_metrics(real, fake)
+    metrics.update(sampling_cost(config))
+    if latency_batches:
+        metrics.update(sampling_latency(exported.model, config, latency_batches))
+    metrics.update({"checkpoint_uri": samples_manifest["checkpoint_uri"], "samples_uri": samples_uri,
+                    "reference_split": split, "steps_per_stage": list(config.flow.steps_per_stage),
+                    "cfg_scale": config.sampling.cfg_scale, "device": device_name()})
+    return metrics
