@@ -20,6 +20,7 @@ JOB_COMMANDS = {
     "train-tokenizer": ("jobs.train_tokenizer", "train the KL-VAE tokenizer on Ray Train"),
     "encode": ("jobs.encode", "encode image shards into latent shards plus a manifest (Ray Data)"),
     "sample": ("jobs.sample", "sample many images from an exported checkpoint into storage"),
+    "evaluate": ("jobs.evaluate", "FID, precision/recall, FLOPs and latency of a sampling run"),
 }
 
 

@@ -126,3 +126,33 @@ def evaluate_samples(
                     "reference_split": split, "steps_per_stage": list(config.flow.steps_per_stage),
                     "cfg_scale": config.sampling.cfg_scale, "device": device_name()})
     return metrics
+
+
+def log_evaluation(metrics: dict[str, Any], config: Config, tracking_uri: str, run_id: str = "") -> str:
+    """Log numeric metrics (prefixed `eval/`) and the rest as params: into the checkpoint's own
+    training run when its id is known and present on this tracking server, else into a new run
+    of the config's experiment tagged with the checkpoint. Returns the run id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            log.warning("training run %s is not on %s; logging to a new run", run_id, tracking_uri)
+            run_id = ""
+    created = not run_id
+    if created:
+        experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment_name)
+        run = client.create_run(experiment_id, run_name=f"evaluate-{config.preset}",
+                                tags={"ecar.job": "evaluate", "ecar.checkpoint_uri": str(metrics["checkpoint_uri"])})
+        run_id = run.info.run_id
+    numbers = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    for key, value in numbers.items():
+        client.log_metric(run_id, key, value)
+    client.set_tag(run_id, "ecar.eval_samples_uri", str(metrics["samples_uri"]))
+    client.set_tag(run_id, "ecar.eval_schedule", f"steps {metrics['steps_per_stage']} cfg {metrics['cfg_scale']}")
+    if created:
+        client.set_terminated(run_id)
+    return run_id
