@@ -129,7 +129,7 @@ def evaluate_samples(
 
 
 def log_evaluation(metrics: dict[str, Any], config: Config, tracking_uri: str, run_id: str = "") -> str:
-    """Log numeric metrics (prefixed `eval/`) and the rest as params: into the checkpoint's own
+    """Log numeric metrics (prefixed `eval/`), the schedule and samples URI as tags: into the checkpoint's own
     training run when its id is known and present on this tracking server, else into a new run
     of the config's experiment tagged with the checkpoint. Returns the run id."""
     import mlflow
