@@ -1,7 +1,5 @@
 """Batch sampling on a local Ray cluster: determinism across pool sizes, exact-count re-runs."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -13,16 +11,6 @@ from ecar.presets import get_config
 from ecar.sampler import existing_shards, read_samples, row_seed, sample_to_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield ray
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +32,7 @@ def test_row_seeds_are_distinct_and_stable():
     assert row_seed(3, 7) == row_seed(3, 7) != row_seed(4, 7)
 
 
-def test_samples_are_the_same_at_any_pool_or_batch_size(ray_local, checkpoint, tmp_path):
+def test_samples_are_the_same_at_any_pool_or_batch_size(ray_cluster, checkpoint, tmp_path):
     one = sample_to_storage(checkpoint, str(tmp_path / "one"), 10, shard_size=4, batch_size=4, actors=1,
                             cpus_per_actor=0.5)
     two = sample_to_storage(checkpoint, str(tmp_path / "two"), 10, shard_size=3, batch_size=2, actors=2,
@@ -57,7 +45,7 @@ def test_samples_are_the_same_at_any_pool_or_batch_size(ray_local, checkpoint, t
     assert not np.allclose(a["latents"][0], a["latents"][1])
 
 
-def test_a_rerun_after_failure_fills_only_the_missing_shards(ray_local, checkpoint, tmp_path):
+def test_a_rerun_after_failure_fills_only_the_missing_shards(ray_cluster, checkpoint, tmp_path):
     out = tmp_path / "run"
     sample_to_storage(checkpoint, str(out), 12, shard_size=4, batch_size=4, cpus_per_actor=0.5)
     shards = sorted((out / "shards").iterdir())
@@ -75,7 +63,7 @@ def test_a_rerun_after_failure_fills_only_the_missing_shards(ray_local, checkpoi
     assert existing_shards(str(out)) == {s["name"] for s in manifest["shards"]}
 
 
-def test_a_different_run_into_the_same_output_is_refused(ray_local, checkpoint, tmp_path):
+def test_a_different_run_into_the_same_output_is_refused(ray_cluster, checkpoint, tmp_path):
     out = str(tmp_path / "run")
     sample_to_storage(checkpoint, out, 4, ["flow.steps_per_stage=[1,1,1]"], shard_size=4, cpus_per_actor=0.5)
     with pytest.raises(ValueError, match="differs in overrides"):
