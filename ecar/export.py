@@ -3,7 +3,7 @@
 Layout under one URI (a local folder or s3://bucket/prefix):
     model.safetensors   the model's state dict (weights only: nothing executes on load)
     config.json         the full Config the model was built from
-    export.json         latent scale, manifest URI, training step, weights hash, schema version
+    export.json         latent scale, manifest URI, training step, MLflow run, weights hash, schema version
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def save_exported(
     latent_scale: float,
     manifest_uri: str = "",
     step: int = 0,
+    mlflow_run_id: str = "",
 ) -> str:
     """Write an exported checkpoint; the metadata file goes last, so its presence means complete."""
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
@@ -51,6 +52,7 @@ def save_exported(
         "latent_scale": float(latent_scale),
         "manifest_uri": manifest_uri,
         "step": int(step),
+        "mlflow_run_id": mlflow_run_id,  # evaluation logs against the run that trained it
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
     storage.write_text_atomic(storage.join(uri, "export.json"), json.dumps(metadata, indent=2), config.storage)
