@@ -21,6 +21,8 @@ JOB_COMMANDS = {
     "encode": ("jobs.encode", "encode image shards into latent shards plus a manifest (Ray Data)"),
     "sample": ("jobs.sample", "sample many images from an exported checkpoint into storage"),
     "evaluate": ("jobs.evaluate", "FID, precision/recall, FLOPs and latency of a sampling run"),
+    "train": ("jobs.train", "train E-CAR or the flow-DiT on Ray Train + DeepSpeed from a latent data set"),
+    "quickstart": ("jobs.quickstart", "the whole pipeline on Fashion-MNIST, end to end, on a local Ray cluster"),
 }
 
 
