@@ -31,11 +31,12 @@ class Scale:
     tokenizer_steps: int
     train_steps: int
     samples: int
+    latency_batches: tuple[int, ...]
 
 
 SCALES = {
-    "default": Scale(images_per_split=None, tokenizer_steps=600, train_steps=300, samples=500),
-    "quick": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, samples=16),
+    "default": Scale(images_per_split=None, tokenizer_steps=600, train_steps=300, samples=500, latency_batches=(1, 16)),
+    "quick": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, samples=16, latency_batches=(1,)),
 }
 
 
@@ -121,7 +122,7 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
                       batch_size=50, cpus_per_actor=1.0)
     grid_path = save_grid(samples_uri, storage.join(root, "samples.png"), read_manifest(latents_uri)["class_names"])
     step("evaluate")
-    metrics = evaluate_samples(samples_uri, latents_uri, "test", 0, latency_batches=(1, 16))
+    metrics = evaluate_samples(samples_uri, latents_uri, "test", 0, scale.latency_batches)
     log_evaluation(metrics, config, tracking_uri, result.mlflow_run_id)
     timings["end"] = time.perf_counter()
     names = list(timings)
