@@ -64,6 +64,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
+    memory = PeakMemory()
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     model = build_model(config)
     backend = DeepSpeedBackend(model, config, device)
@@ -108,7 +109,8 @@ def train_worker(arguments: dict[str, Any]) -> None:
         if metrics is not None:
             last_metrics.update(metrics)
             tracker.log_metrics(state.step, metrics)
-        if state.step % config.train.sample_every == 0 or final:
+        memory.sample()
+        if state.step % config.train.sample_every == 0:
             whole = backend.gather(ema.shadow)  # a collective: every rank takes part
             if preview is not None:
                 tracker.log_figure(preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
@@ -119,8 +121,10 @@ def train_worker(arguments: dict[str, Any]) -> None:
                 report = {"step": state.step, **{k: v for k, v in last_metrics.items() if k.startswith("loss")}}
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        memory.reset()
 
     train(backend, config, open_epoch, state, ema, on_step)
+    tracker.log_metrics(state.step, memory.metrics(device))
 
     whole = backend.gather(ema.shadow)
     if rank == 0:
@@ -134,24 +138,69 @@ def train_worker(arguments: dict[str, Any]) -> None:
         log.info("exported the EMA weights at step %d to %s", state.step, uri)
 
 
+class PeakMemory:
+    """Peak resident memory of this worker during training steps, leaving out checkpoint
+    writes and previews (which copy whole tensors once in a while): the kernel's high-water mark
+    (VmHWM) is read before each of those and reset after them (/proc/self/clear_refs)."""
+
+    def __init__(self) -> None:
+        self.baseline = self._read("VmRSS")  # imports done, no model yet
+        self.peak = 0
+
+    @staticmethod
+    def _read(field: str) -> int:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self._read("VmHWM"))
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        """Maxima over workers, in MiB (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        self.sample()
+        values = torch.tensor([self.peak, self.peak - self.baseline], dtype=torch.float64, device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        metrics = {"peak_rss_mib_max_worker": values[0].item() / 2**20,
+                   "peak_rss_growth_mib_max_worker": values[1].item() / 2**20}
+        if device.type == "cuda":
+            metrics["peak_gpu_mib_this_worker"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return metrics
+
+
 class Preview:
     """Sample grids on rank 0 from the consolidated EMA weights, through the shared
     `model.generate()`: one sample per class (up to 10), decoded with the data's tokenizer when
     the manifest names one, else the latents' first channels."""
 
     def __init__(self, config: Config, source: LatentSource, rank: int) -> None:
-        from ecar.models import build_model
-
         self.config, self.source = config, source
-        self.model = build_model(config).eval()
+        self.model = None  # built on first use: a whole copy of the weights on rank 0
         self.decoder = _load_decoder(source.tokenizer_uri, config) if source.tokenizer_uri else None
         classes = min(config.model.num_classes, 10)
         self.labels = torch.arange(classes)
 
     @torch.no_grad()
     def figure(self, ema_weights: dict[str, torch.Tensor], step: int):
+        from ecar.models import build_model
         from ecar.train.tracking import sample_grid
 
+        if self.model is None:
+            self.model = build_model(self.config).eval()
         state = self.model.state_dict()
         state.update(ema_weights)
         self.model.load_state_dict(state)
@@ -190,14 +239,19 @@ class FitResult:
 
 
 def _ray_storage(config: Config) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig: the runs folder, through a
-    pyarrow filesystem that carries the S3 endpoint (pyarrow ignores AWS_ENDPOINT_URL)."""
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: the runs folder.
+
+    On S3, s3fs behind pyarrow's FSSpecHandler rather than pyarrow's own S3FileSystem: the
+    latter ignores AWS_ENDPOINT_URL, and it writes even empty files as multipart uploads, which
+    S3-compatible servers (moto, some MinIO versions) reject for empty parts."""
     runs = storage.join(config.storage.root, "runs")
     if not storage.is_remote(runs):
         Path(runs).mkdir(parents=True, exist_ok=True)
         return str(Path(runs).resolve()), None
-    filesystem, path = storage.arrow_fs(runs, config.storage)
-    return path, filesystem
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    filesystem, path = storage.fsspec_fs(runs, config.storage)
+    return path, PyFileSystem(FSSpecHandler(filesystem))
 
 
 def worker_env(config: Config) -> dict[str, str]:

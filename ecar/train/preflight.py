@@ -1,0 +1,119 @@
+"""Checks that run on the driver before any Ray resource is taken: storage reachable and
+writable, the latent manifest present and matching the model, the tracking server answering.
+Each failure is a `PreflightError` (a ValueError) whose message names the key, URI or file.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+import uuid
+from urllib.parse import urlparse
+
+from ecar import storage
+from ecar.config import Config
+from ecar.train.trainer import LatentSource
+
+PROBE_TIMEOUT_S = 5  # an unreachable endpoint must fail in seconds, not after boto's retries
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message names what is wrong and where."""
+
+
+def _s3_client_probe(uri: str, config: Config, key: str) -> None:
+    """Reach the bucket of an s3:// URI with a short timeout and a single attempt."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = urlparse(uri).netloc
+    endpoint = storage.endpoint_url(config.storage) or None
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=storage.region(config.storage) or None,
+                          config=BotoConfig(connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S,
+                                            retries={"max_attempts": 1, "mode": "standard"}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "?")
+        raise PreflightError(f"{key}: bucket {bucket!r} of {uri} is not accessible (S3 error {code})") from None
+    except BotoCoreError as error:
+        where = endpoint or "the default AWS endpoint"
+        raise PreflightError(f"{key}: cannot reach storage for {uri} at {where}: {error}") from None
+
+
+def check_storage(uri: str, config: Config, key: str, write: bool) -> None:
+    """The location answers, and (write=True) accepts and deletes a small probe object."""
+    if storage.is_remote(uri):
+        _s3_client_probe(uri, config, key)
+    probe = storage.join(uri, f".ecar-write-probe-{uuid.uuid4().hex}")
+    if write:
+        try:
+            storage.write_bytes_atomic(probe, b"probe", config.storage)
+            storage.delete(probe, config.storage)
+        except (OSError, ValueError) as error:
+            raise PreflightError(f"{key}: cannot write under {uri}: {error}") from None
+
+
+def check_tracking(tracking_uri: str) -> None:
+    """A tracking server must answer its health endpoint (an embedded SQLite store needs no check)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as error:
+        raise PreflightError(f"tracking.tracking_uri: the MLflow server at {tracking_uri} does not answer: "
+                             f"{getattr(error, 'reason', error)}") from None
+
+
+def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> LatentSource:
+    """Read and check the latent manifest against the config; the shard footers are checked
+    too (cheap: no data pages), so a broken data set fails here, not inside a worker."""
+    from ecar.data.manifest import read_manifest
+    from ecar.data.reader import validate_latents
+
+    if not manifest_uri:
+        raise PreflightError("data.manifest_uri: empty; pass --manifest URI (the output of `ecar encode`)")
+    check_storage(manifest_uri, config, "data.manifest_uri", write=False)
+    try:
+        manifest = read_manifest(manifest_uri, config.storage)
+    except FileNotFoundError as error:
+        raise PreflightError(f"data.manifest_uri: {error}") from None
+    if split not in manifest["splits"]:
+        raise PreflightError(f"data.manifest_uri: {manifest_uri} has no {split!r} split "
+                             f"(splits: {', '.join(manifest['splits'])})")
+    model = config.model
+    expected = [model.latent_channels, model.latent_size, model.latent_size]
+    if list(manifest["latent_shape"]) != expected:
+        raise PreflightError(
+            f"model.latent_channels/model.latent_size: the model takes latents of shape {expected} (C, H, W) but "
+            f"the manifest {manifest_uri} holds {list(manifest['latent_shape'])}")
+    if manifest["num_classes"] > model.num_classes:
+        raise PreflightError(f"model.num_classes: {model.num_classes}, but the manifest {manifest_uri} has "
+                             f"{manifest['num_classes']} classes")
+    rows = int(manifest["splits"][split]["rows"])
+    needed = config.train.micro_batch_size * config.train.num_workers
+    if rows < needed:
+        raise PreflightError(f"train.micro_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one "
+                             f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers")
+    validate_latents(manifest_uri, [split], config.storage, values=False)
+    tokenizer = manifest.get("tokenizer") or {}
+    return LatentSource(
+        manifest_uri=manifest_uri,
+        latent_shape=tuple(manifest["latent_shape"]),
+        latent_scale=float(manifest["latent_scale"]),
+        num_rows=rows,
+        class_names=tuple(manifest.get("class_names") or ()),
+        # only ecar's own KL-VAE is loadable by URI inside a worker
+        tokenizer_uri=tokenizer.get("uri", "") if tokenizer.get("kind") == "kl_vae" else "",
+    )
+
+
+def preflight(config: Config, manifest_uri: str, tracking_uri: str) -> LatentSource:
+    """All checks, cheapest first. Config errors (unknown keys, bad values) were raised when the
+    config was built; these are the checks that need storage and the manifest."""
+    check_storage(config.storage.root, config, "storage.root", write=True)
+    source = prepare_source(config, manifest_uri)
+    check_tracking(tracking_uri)
+    return source

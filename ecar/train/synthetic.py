@@ -1,0 +1,54 @@
+"""A synthetic latent data set in exactly the layout `ecar encode` writes (shards + manifest),
+for the training tests and benchmarks: class-dependent Gaussian latents, no tokenizer needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ecar.config import StorageConfig
+
+
+def write_synthetic_latents(
+    prefix: str,
+    storage_config: StorageConfig | None = None,
+    rows: int = 256,
+    shape: tuple[int, int, int] = (4, 8, 8),
+    shards: int = 4,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> str:
+    """Write `rows` train latents of `shape` (C, H, W) in `shards` Parquet files under `prefix`
+    and the manifest last; returns `prefix` (what `--manifest` takes)."""
+    from ecar.data.encode import latent_schema
+    from ecar.data.manifest import SCHEMA_VERSION, latent_shard_uri, write_manifest
+    from ecar.data.shards import shard_name, write_table
+
+    rng = np.random.default_rng(seed)
+    dim = int(np.prod(shape))
+    labels = np.arange(rows) % num_classes
+    means = rng.standard_normal((num_classes, dim)).astype(np.float32)
+    latents = (means[labels] + 0.5 * rng.standard_normal((rows, dim))).astype(np.float32)
+    schema = latent_schema(dim, flip=False)
+    entries = []
+    for index, part in enumerate(np.array_split(np.arange(rows), shards)):
+        table = pa.table({"id": [f"row-{i}" for i in part], "label": labels[part].astype(np.int64),
+                          "latent": pa.FixedSizeListArray.from_arrays(pa.array(latents[part].ravel()), dim)},
+                         schema=schema)
+        write_table(latent_shard_uri(prefix, "train", shard_name(index)), table, storage_config)
+        entries.append({"name": shard_name(index), "rows": len(part), "quarantined": 0})
+    std = float(latents.std())
+    write_manifest(prefix, {
+        "schema_version": SCHEMA_VERSION, "kind": "latents",
+        "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
+        "latent_shape": list(shape), "latent_dtype": "float32",
+        "latent_scale": 1.0 / std, "latent_mean": float(latents.mean()), "latent_std": std,
+        "scale_split": "train", "flip_augment": False,
+        "num_classes": num_classes, "class_names": [f"class {k}" for k in range(num_classes)],
+        "image_size": 0, "image_channels": 0, "source": {"images_uri": "", "kind": "synthetic", "uri": ""},
+        "splits": {"train": {"rows": rows, "quarantined": 0, "input_rows": rows, "quarantine_reasons": {},
+                             "shards": entries}},
+        "quarantined": 0,
+    }, storage_config)
+    return prefix

@@ -1,0 +1,79 @@
+"""Train an E-CAR (or flow-DiT) model on Ray Train + DeepSpeed from a latent data set.
+
+    python -m jobs.train --preset ecar-fmnist --manifest s3://bucket/latents \\
+        --output s3://bucket/ecar --name fmnist-a train.zero_stage=3 train.lr=1e-4
+
+Checkpoints go to OUTPUT/runs/NAME/, the exported EMA weights to OUTPUT/runs/NAME/export.
+Re-running with the same --output and --name resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ecar.config import Config, ConfigError
+from ecar.log import get_logger
+
+log = get_logger("ecar.jobs.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecar train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, help="preset name (ecar presets lists them)")
+    parser.add_argument("--manifest", help="latent data set: prefix or manifest.json URI (default: data.manifest_uri)")
+    parser.add_argument("--output", help="storage root for runs, local or s3:// (default: storage.root)")
+    parser.add_argument("--name", help="run name; the same name resumes (default: PRESET-TIMESTAMP)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
+    return parser
+
+
+def resolve_config(preset: str, overrides: list[str], manifest: str | None, output: str | None) -> Config:
+    """The preset with overrides; --manifest and --output land in the config, so that they are
+    saved with checkpoints and logged as params like every other setting."""
+    from ecar.presets import get_config
+
+    config = get_config(preset, overrides)
+    extra = {}
+    if manifest:
+        extra["data.manifest_uri"] = manifest
+    if output:
+        extra["storage.root"] = output
+    return config.override(extra) if extra else config
+
+
+def train_job(config: Config, name: str, address: str | None = None, tracking_uri: str | None = None):
+    """Check everything, then connect to Ray and fit; returns `ecar.train.trainer.FitResult`."""
+    from ecar.data.reader import latent_dataset
+    from ecar.runtime import init_ray
+    from ecar.tracking import resolve_tracking_uri
+    from ecar.train.preflight import preflight
+    from ecar.train.trainer import fit
+
+    tracking_uri = tracking_uri or resolve_tracking_uri(config)
+    source = preflight(config, config.data.manifest_uri, tracking_uri)  # before any worker exists
+    init_ray(address)
+    dataset = latent_dataset(source.manifest_uri, "train", config.storage, seed=config.train.seed,
+                             validate=False)  # preflight checked the footers already
+    return fit(config, source, dataset, name, tracking_uri)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args.preset, args.overrides, args.manifest, args.output)
+        name = args.name or f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = train_job(config, name, args.address)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"ecar train: {error}", file=sys.stderr)
+        return 2
+    print(f"run {result.name}: {result.metrics.get('step', '?')} steps; checkpoint {result.checkpoint_uri}; "
+          f"exported EMA {result.export_uri}; MLflow run {result.mlflow_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""A bad config or data set fails in `ecar train` before Ray or any worker starts, with one line
+that names the key, URI or file (exit code 2)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from jobs.train import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fail the test if the job gets as far as starting Ray or a trainer."""
+    import ecar.runtime
+    import ecar.train.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the job started Ray despite a bad config")
+
+    monkeypatch.setattr(ecar.runtime, "init_ray", refuse)
+    monkeypatch.setattr(ecar.train.trainer, "fit", refuse)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def _train(capsys, *argv):
+    code = main(list(argv))
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert error.startswith("ecar train: ") and error.count("\n") == 1, error  # one line, no traceback
+    return error
+
+
+def test_unknown_key(no_workers, capsys, s3_latents, tmp_path):
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path),
+                   "train.learning_rate=1e-3")
+    assert "unknown config key train.learning_rate" in error
+
+
+def test_latent_shape_that_does_not_fit_the_model(no_workers, capsys, s3_latents, tmp_path):
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path),
+                   "model.latent_channels=8")
+    assert "model.latent_channels" in error and "[8, 8, 8]" in error and "[4, 8, 8]" in error
+    assert s3_latents in error
+
+
+def test_missing_manifest(no_workers, capsys, s3_latents, tmp_path):
+    missing = s3_latents.rsplit("/", 1)[0] + "/no-latents-here"
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", missing, "--output", str(tmp_path))
+    assert "data.manifest_uri" in error and f"{missing}/manifest.json" in error
+
+
+def test_unreachable_storage(no_workers, capsys, s3_latents):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", "s3://ecar-test/out",
+                   f"storage.endpoint_url={endpoint}")
+    assert "storage.root" in error and "cannot reach" in error and endpoint in error
+
+
+def test_unreachable_tracking_server(no_workers, capsys, s3_latents, tmp_path):
+    server = f"http://127.0.0.1:{_closed_port()}"
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path),
+                   f"tracking.tracking_uri={server}")
+    assert "tracking.tracking_uri" in error and server in error
