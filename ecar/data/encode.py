@@ -225,9 +225,16 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
             finished(split, name, [])
             del pending[path]
     if pending:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        dataset = ray.data.read_parquet(list(pending), filesystem=filesystem, include_paths=True,
-                                        columns=["id", "image", "label", "source"])
+        resources = ray.cluster_resources()
+        gpus = 1 if resources.get("GPU", 0) > 0 else 0
+        pool_cpus = config.data.encode_actors * config.data.encode_cpus_per_actor
+        if pool_cpus > resources.get("CPU", 0) - 1:
+            # actors that hold every CPU starve the read tasks feeding them: the job would hang
+            raise ConfigError(f"data.encode_actors: {config.data.encode_actors} actors x data.encode_cpus_per_actor="
+                              f"{config.data.encode_cpus_per_actor} take {pool_cpus:g} of the cluster's "
+                              f"{resources.get('CPU', 0):g} CPUs; leave at least one CPU for reading the image shards")
+        dataset = (ray.data.read_parquet(list(pending), filesystem=filesystem, include_paths=True)
+                   .select_columns(["path", "id", "image", "label", "source"]))
         encoded = dataset.map_batches(
             ShardEncoder,
             fn_constructor_kwargs={"config": config.to_dict(), "num_classes": len(class_names)},

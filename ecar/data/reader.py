@@ -134,7 +134,7 @@ def latent_dataset(uri: str, split: str = "train", storage_config: StorageConfig
     use_flip = manifest["flip_augment"] and flip == "random"
     columns = ["label", "latent"] + (["latent_flip"] if use_flip else []) + (["id"] if keep_ids else [])
     shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, shuffle=shuffle)
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle).select_columns(columns)
     convert = _to_tensors(manifest["latent_shape"], manifest["latent_scale"] if scaled else 1.0, use_flip,
                           keep_ids, seed)
     return dataset.map_batches(convert, batch_format="pyarrow")

@@ -204,7 +204,7 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
                           f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}")
     filesystem, _ = storage.arrow_fs(images_uri, config.storage)
     paths = [storage.arrow_fs(uri, config.storage)[1] for uri in image_shard_uris(images_uri, "train", manifest)]
-    dataset = (ray.data.read_parquet(paths, filesystem=filesystem, columns=["image"], shuffle="files")
+    dataset = (ray.data.read_parquet(paths, filesystem=filesystem, shuffle="files").select_columns(["image"])
                .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256))
     tok = config.tokenizer
     with tempfile.TemporaryDirectory(prefix="ecar-tokenizer-") as run_root:

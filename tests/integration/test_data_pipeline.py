@@ -1,0 +1,161 @@
+"""The latent pipeline on a local Ray cluster with the real services: the full chain into the
+loopback S3 server, a killed encode job re-run to exact counts, and bad input quarantined."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from ecar import storage
+from ecar.data import quarantine as q
+from ecar.data.encode import encode_latents
+from ecar.data.manifest import read_manifest, shard_uris
+from ecar.data.prepare import prepare_images
+from ecar.data.reader import latent_dataset, torch_batches, validate_latents
+from ecar.data.shards import IMAGE_SCHEMA, read_table, write_table
+from ecar.presets import get_config
+from ecar.tokenizer import load_tokenizer
+from ecar.tokenizer.train import train_tokenizer, vae_shape
+from ecar.tokenizer.vae import KLVAE, save_vae
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _ids(uri: str, split: str) -> list[str]:
+    manifest = read_manifest(uri)
+    return [i for f in shard_uris(manifest, split) for i in read_table(f, columns=["id"]).column("id").to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def random_tokenizer(tmp_path_factory) -> str:
+    """An untrained debug tokenizer: the pipeline's bookkeeping does not depend on its quality."""
+    uri = str(tmp_path_factory.mktemp("tokenizer"))
+    torch.manual_seed(0)
+    save_vae(KLVAE(vae_shape(get_config("ecar-debug"))), uri, 16)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory) -> str:
+    """160 + 160 Fashion-MNIST images at 16x16 in shards of 32 (5 + 5 shards)."""
+    uri = str(tmp_path_factory.mktemp("images"))
+    prepare_images(get_config("ecar-debug", {"data.shard_rows": 32}), uri, limit_per_split=160)
+    return uri
+
+
+def test_prepare_train_encode_read_through_s3(ray_cluster, s3_prefix):
+    config = get_config("ecar-debug", {"data.shard_rows": 64, "data.flip_augment": True, "tokenizer.steps": 10,
+                                       "tokenizer.eval_images": 32, "tokenizer.fid_images": 8})
+    images, tokenizer, latents = (storage.join(s3_prefix, name) for name in ("images", "tokenizer", "latents"))
+    prepared = prepare_images(config, images, limit_per_split=300)
+    assert prepared["splits"]["train"]["rows"] == 300 and len(prepared["splits"]["train"]["shards"]) == 5
+
+    description = train_tokenizer(config, images, tokenizer)
+    assert description["metrics"]["eval_images"] == 32 and np.isfinite(description["metrics"]["psnr"])
+    assert np.isfinite(description["metrics"]["rfid"])
+
+    config = config.override({"tokenizer.checkpoint_uri": tokenizer})
+    manifest = encode_latents(config, images, latents)
+    assert manifest["splits"]["train"]["rows"] == 300 and manifest["splits"]["test"]["rows"] == 300
+    assert manifest["tokenizer"] == load_tokenizer(config).identity
+    assert manifest["latent_shape"] == [4, 8, 8] and manifest["latent_dtype"] == "float32"
+    assert manifest["quarantined"] == 0 and manifest["num_classes"] == 10
+    assert json.loads(storage.read_text(storage.join(latents, "manifest.json")))["latent_scale"] == manifest["latent_scale"]
+    validate_latents(latents)
+
+    dataset = latent_dataset(latents, "train", seed=0)
+    rows, labels, batch = 0, [], None
+    for batch in torch_batches(dataset, batch_size=50, shuffle_buffer_rows=100, seed=0, drop_last=False):
+        assert batch["latent"].shape[1:] == (4, 8, 8) and batch["latent"].dtype == torch.float32
+        assert batch["label"].dtype == torch.int64
+        rows += len(batch["label"])
+        labels += batch["label"].tolist()
+    assert rows == 300 and set(labels) <= set(range(10))
+    ids = [i for b in latent_dataset(latents, "train", keep_ids=True).iter_batches(batch_format="numpy") for i in b["id"]]
+    assert sorted(ids) == sorted(_ids(latents, "train")) and len(set(ids)) == 300
+    decoded = load_tokenizer(config).model.decode(batch["latent"] / manifest["latent_scale"])
+    assert decoded.shape[1:] == (1, 16, 16)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_encode_reruns_to_exact_counts(ray_cluster, small_images, random_tokenizer, tmp_storage, where,
+                                                request):
+    output = tmp_storage if where == "local" else request.getfixturevalue("s3_prefix")
+    config = get_config("ecar-debug", {"tokenizer.checkpoint_uri": random_tokenizer, "data.encode_batch_size": 16})
+    with pytest.raises(RuntimeError, match="fault injected after 4 shards"):
+        encode_latents(config, small_images, output, fault_after_shards=4)
+    assert not storage.exists(storage.join(output, "manifest.json"))
+    done = {f: storage.read_bytes(f) for split in ("train", "test")
+            for f in storage.list_files(storage.join(output, "latents", split), ".parquet")}
+    assert len(done) == 4
+
+    written: list[tuple[str, str]] = []
+    manifest = encode_latents(config, small_images, output, on_shard=lambda split, name: written.append((split, name)))
+    assert len(written) == 6  # only the missing shards
+    assert all(storage.read_bytes(f) == blob for f, blob in done.items())  # finished shards untouched
+    for split in ("train", "test"):
+        ids = _ids(output, split)
+        expected = [i for f in storage.list_files(storage.join(small_images, split), ".parquet")
+                    for i in read_table(f, columns=["id"]).column("id").to_pylist()]
+        assert manifest["splits"][split]["rows"] == len(ids) == len(set(ids)) == 160
+        assert sorted(ids) == sorted(expected)
+    validate_latents(output)
+
+
+def _png(size: int, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bad_image_shards(root: str) -> dict[str, str]:
+    """Image shards with 6 good rows and one row of each kind of bad input; returns id -> reason."""
+    good = [{"id": f"good-{i}", "image": _png(16, i), "label": i, "source": f"src/{i}"} for i in range(6)]
+    bad = {
+        "truncated": ({"image": _png(16)[:50], "label": 1}, q.UNDECODABLE),
+        "garbage": ({"image": b"\x00not an image", "label": 1}, q.UNDECODABLE),
+        "no-bytes": ({"image": None, "label": 1}, q.UNDECODABLE),
+        "wrong-size": ({"image": _png(20), "label": 1}, q.WRONG_SIZE),
+        "no-label": ({"image": _png(16), "label": None}, q.MISSING_LABEL),
+        "label-12": ({"image": _png(16), "label": 12}, q.BAD_LABEL),
+    }
+    rows = good + [{"id": k, "source": f"src/{k}", **row} for k, (row, _) in bad.items()]
+    rows.append(dict(good[0], source="src/copy"))  # the same id twice
+    write_table(storage.join(root, "train", "shard-00000.parquet"), pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    manifest = {"schema_version": 1, "kind": "images", "source": {"kind": "test"}, "image_size": 16,
+                "image_channels": 1, "class_names": [str(i) for i in range(10)],
+                "splits": {"train": {"rows": len(rows), "quarantined": 0, "shards": [{"name": "shard-00000.parquet"}]}}}
+    storage.write_text_atomic(storage.join(root, "images.json"), json.dumps(manifest))
+    return {k: reason for k, (_, reason) in bad.items()} | {"good-0": q.DUPLICATE_ID}
+
+
+def test_bad_input_is_quarantined_and_the_limit_enforced(ray_cluster, random_tokenizer, tmp_storage, s3_prefix, capsys):
+    images = storage.join(tmp_storage, "images")
+    expected = _bad_image_shards(images)
+    config = get_config("ecar-debug", {"tokenizer.checkpoint_uri": random_tokenizer, "data.quarantine_limit": 0.6})
+    manifest = encode_latents(config, images, s3_prefix)
+    split = manifest["splits"]["train"]
+    assert (split["rows"], split["quarantined"], split["input_rows"]) == (6, 7, 13)
+    assert split["quarantine_reasons"] == {q.UNDECODABLE: 3, q.WRONG_SIZE: 1, q.MISSING_LABEL: 1,
+                                           q.BAD_LABEL: 1, q.DUPLICATE_ID: 1}
+    table = read_table(storage.join(s3_prefix, "quarantine", "train", "shard-00000.parquet")).to_pylist()
+    assert {row["id"]: q.reason_kind(row["reason"]) for row in table} == expected
+    assert {row["id"]: row["source"] for row in table}["wrong-size"] == "src/wrong-size"
+    assert "20x20, expected 16x16" in {row["id"]: row["reason"] for row in table}["wrong-size"]
+    assert sorted(_ids(s3_prefix, "train")) == [f"good-{i}" for i in range(6)]
+
+    from jobs import encode
+
+    strict = storage.join(tmp_storage, "strict")
+    code = encode.main(["--preset", "ecar-debug", "--images", images, "--output", strict,
+                        f"tokenizer.checkpoint_uri={random_tokenizer}", "data.quarantine_limit=0.1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "7 of 13 rows quarantined" in err and "wrong image size" in err
+    assert not storage.exists(storage.join(strict, "manifest.json"))
