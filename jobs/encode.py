@@ -14,7 +14,7 @@ import sys
 
 from ecar.config import Config
 from ecar.runtime import init_ray
-from jobs._common import base_parser, run
+from jobs._common import base_parser, log_to_mlflow, run
 
 
 def work(args: argparse.Namespace, config: Config) -> str:
@@ -30,6 +30,10 @@ def work(args: argparse.Namespace, config: Config) -> str:
     load_tokenizer(config)
     init_ray(args.address)
     manifest = encode_latents(config, images, output)
+    if not args.no_track:
+        figures = {"latent_scale": manifest["latent_scale"], "quarantined": manifest["quarantined"]}
+        figures.update({f"rows_{split}": info["rows"] for split, info in manifest["splits"].items()})
+        log_to_mlflow(config, "encode", images, output, figures)
     parts = ", ".join(f"{split}: {info['rows']} latents ({info['quarantined']} quarantined)"
                       for split, info in manifest["splits"].items())
     return f"encoded into {output}: {parts}; latent scale {manifest['latent_scale']:.4f}"
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("ecar encode", __doc__)
     parser.add_argument("--images", help="prepared image shards (default: data.images_uri)")
     parser.add_argument("--output", help="latent prefix (default: data.manifest_uri's folder)")
+    parser.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
     return run("ecar encode", parser, argv, work)
 
 

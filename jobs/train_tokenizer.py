@@ -12,7 +12,7 @@ import sys
 
 from ecar.config import Config
 from ecar.runtime import init_ray
-from jobs._common import base_parser, run
+from jobs._common import base_parser, log_to_mlflow, run
 
 
 def work(args: argparse.Namespace, config: Config) -> str:
@@ -27,6 +27,8 @@ def work(args: argparse.Namespace, config: Config) -> str:
     init_ray(args.address)
     description = train_tokenizer(config, images, output, eval_split=args.eval_split)
     metrics = description["metrics"]
+    if not args.no_track:
+        log_to_mlflow(config, "tokenizer", images, output, metrics)
     fid = f", rFID {metrics['rfid']:.2f}" if "rfid" in metrics else ""
     return f"tokenizer in {output}: PSNR {metrics['psnr']:.2f} dB{fid} on {metrics['eval_images']} {args.eval_split} images"
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("ecar train-tokenizer", __doc__)
     parser.add_argument("--images", help="prepared image shards (default: data.images_uri)")
     parser.add_argument("--output", help="where the tokenizer goes (default: tokenizer.checkpoint_uri)")
+    parser.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
     parser.add_argument("--eval-split", default="test", help="held-out split for PSNR / rFID")
     return run("ecar train-tokenizer", parser, argv, work)
 
