@@ -31,7 +31,7 @@ from ecar.data import quarantine as q
 from ecar.data.manifest import (LATENT_DTYPE, SCHEMA_VERSION, latent_shard_uri, quarantine_shard_uri,
                                 write_manifest)
 from ecar.data.prepare import image_shard_uris, pixels_to_unit, read_images_manifest
-from ecar.data.shards import read_footer, read_table, write_table
+from ecar.data.shards import read_footer, write_table
 from ecar.data.sources import BadImage, decode_image, to_array, to_mode
 from ecar.log import get_logger
 from ecar.tokenizer import load_tokenizer
@@ -270,33 +270,16 @@ def finalize(config: Config, images_uri: str, images: dict[str, Any], output_uri
     totals = {"sum": 0.0, "sum_squares": 0.0, "values": 0}
     scale_split = "train" if "train" in images["splits"] else next(iter(images["splits"]))
     for split in images["splits"]:
-        shards, seen, quarantine_uris, rows_total, input_total = [], {}, [], 0, 0
+        shards = []
         for uri in image_shard_uris(images_uri, split, images):
             name = uri.rsplit("/", 1)[-1]
-            latent_uri = latent_shard_uri(output_uri, split, name)
-            if not storage.exists(latent_uri, store):
-                raise RuntimeError(f"{latent_uri} is missing; re-run the encode job to finish it")
-            rows, stats, _ = read_footer(latent_uri, store)
-            quarantine_uri = quarantine_shard_uri(output_uri, split, name)
-            quarantined = read_footer(quarantine_uri, store)[0]
-            input_rows = read_footer(uri, store)[0]
-            if rows + quarantined != input_rows:
-                raise RuntimeError(f"{latent_uri}: {rows} rows + {quarantined} quarantined != {input_rows} input rows")
-            for id in read_table(latent_uri, store, columns=["id"]).column("id").to_pylist():
-                if id in seen:
-                    raise ValueError(f"duplicate id {id!r} in {latent_uri} and {seen[id]}")
-                seen[id] = latent_uri
-            if split == scale_split:
+            shards.append((name, latent_shard_uri(output_uri, split, name), quarantine_shard_uri(output_uri, split, name),
+                           read_footer(uri, store)[0]))
+        splits[split], footers = q.verify_split(f"encode {split}", shards, config.data.quarantine_limit, store)
+        if split == scale_split:
+            for stats in footers:
                 for key in totals:
                     totals[key] += stats[key]
-            shards.append({"name": name, "rows": rows, "quarantined": quarantined})
-            quarantine_uris.append(quarantine_uri)
-            rows_total += rows
-            input_total += input_rows
-        table = q.read_quarantine(quarantine_uris, store)
-        q.check_limit(f"encode {split}", table, input_total, config.data.quarantine_limit)
-        splits[split] = {"rows": rows_total, "quarantined": table.num_rows, "input_rows": input_total,
-                         "quarantine_reasons": q.counts_by_reason(table), "shards": shards}
     if totals["values"] == 0:
         raise ValueError(f"no usable rows in the {scale_split} split: cannot measure the latent scale")
     mean = totals["sum"] / totals["values"]

@@ -21,7 +21,7 @@ import torch
 from ecar import storage
 from ecar.config import Config
 from ecar.data import quarantine as q
-from ecar.data.shards import IMAGE_SCHEMA, read_footer, read_table, shard_name, write_table
+from ecar.data.shards import IMAGE_SCHEMA, read_table, shard_name, write_table
 from ecar.data.sources import (BadImage, ImageRecord, ImageSource, decode_image, encode_png,
                                open_source, resize_center_crop, to_array, to_mode)
 from ecar.log import get_logger
@@ -91,7 +91,11 @@ def prepare_images(config: Config, output_uri: str, source: ImageSource | None =
             written += 1
         log.info("prepare %s/%s: %d shards (%d written now, %d already there)", source.name, split,
                  len(chunks), written, len(chunks) - written)
-        manifest_splits[split] = _summarise_split(output_uri, split, len(chunks), len(keys), config)
+        manifest_splits[split], _ = q.verify_split(
+            f"prepare {split}",
+            [(shard_name(i), storage.join(output_uri, split, shard_name(i)),
+              storage.join(output_uri, "quarantine", split, shard_name(i)), len(chunk)) for i, chunk in enumerate(chunks)],
+            config.data.quarantine_limit, store)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "images",
@@ -104,31 +108,6 @@ def prepare_images(config: Config, output_uri: str, source: ImageSource | None =
     }
     storage.write_text_atomic(storage.join(output_uri, MANIFEST_NAME), json.dumps(manifest, indent=2), store)
     return manifest
-
-
-def _summarise_split(output_uri: str, split: str, num_shards: int, num_keys: int, config: Config) -> dict[str, Any]:
-    """Check every shard of the split is there and that rows + quarantined = source records."""
-    store = config.storage
-    shards, rows, ids = [], 0, set()
-    quarantine_uris = []
-    for index in range(num_shards):
-        uri = storage.join(output_uri, split, shard_name(index))
-        count, meta, _ = read_footer(uri, store)
-        quarantine_uri = storage.join(output_uri, "quarantine", split, shard_name(index))
-        quarantined = read_footer(quarantine_uri, store)[0]
-        if count + quarantined != meta.get("source_rows"):
-            raise RuntimeError(f"{uri}: {count} rows + {quarantined} quarantined != {meta.get('source_rows')} source records")
-        for id in read_table(uri, store, columns=["id"]).column("id").to_pylist():
-            if id in ids:
-                raise ValueError(f"duplicate id {id!r} in {uri} (also in an earlier shard of {split})")
-            ids.add(id)
-        shards.append({"name": shard_name(index), "rows": count, "quarantined": quarantined})
-        quarantine_uris.append(quarantine_uri)
-        rows += count
-    table = q.read_quarantine(quarantine_uris, store)
-    q.check_limit(f"prepare {split}", table, num_keys, config.data.quarantine_limit)
-    return {"rows": rows, "quarantined": table.num_rows, "quarantine_reasons": q.counts_by_reason(table),
-            "shards": shards}
 
 
 def read_images_manifest(images_uri: str, config: Config) -> dict[str, Any]:

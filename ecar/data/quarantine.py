@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
+from ecar import storage
 from ecar.config import StorageConfig
-from ecar.data.shards import read_table, write_table
+from ecar.data.shards import read_footer, read_table, write_table
 
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
 
@@ -72,3 +74,36 @@ def check_limit(what: str, table: pa.Table, total_rows: int, limit: float) -> No
 
 def counts_by_reason(table: pa.Table) -> dict[str, int]:
     return dict(sorted(Counter(reason_kind(r) for r in table.column("reason").to_pylist()).items()))
+
+
+def verify_split(what: str, shards: list[tuple[str, str, str, int]], limit: float,
+                 storage_config: StorageConfig | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """No row lost, none duplicated, before any manifest is written.
+
+    `shards`: (name, output shard URI, its quarantine URI, input rows) for every shard of a
+    split. Checks that each output exists, that its rows plus its quarantined rows equal its
+    input rows and that ids are unique across the split; then applies the quarantine limit.
+    Returns the split's summary {rows, quarantined, input_rows, quarantine_reasons, shards} and
+    each output's footer metadata, in order.
+    """
+    summaries, footers, quarantine_uris, seen = [], [], [], {}
+    for name, uri, quarantine_uri, input_rows in shards:
+        if not storage.exists(uri, storage_config):
+            raise RuntimeError(f"{uri} is missing; re-run the job to finish it")
+        rows, metadata, _ = read_footer(uri, storage_config)
+        quarantined = read_footer(quarantine_uri, storage_config)[0]
+        if rows + quarantined != input_rows:
+            raise RuntimeError(f"{uri}: {rows} rows + {quarantined} quarantined != {input_rows} input rows")
+        for id in read_table(uri, storage_config, columns=["id"]).column("id").to_pylist():
+            if id in seen:
+                raise ValueError(f"duplicate id {id!r} in {uri} and {seen[id]}")
+            seen[id] = uri
+        summaries.append({"name": name, "rows": rows, "quarantined": quarantined})
+        footers.append(metadata)
+        quarantine_uris.append(quarantine_uri)
+    table = read_quarantine(quarantine_uris, storage_config)
+    input_total = sum(shard[3] for shard in shards)
+    check_limit(what, table, input_total, limit)
+    summary = {"rows": sum(s["rows"] for s in summaries), "quarantined": table.num_rows, "input_rows": input_total,
+               "quarantine_reasons": counts_by_reason(table), "shards": summaries}
+    return summary, footers
