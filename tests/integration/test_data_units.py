@@ -29,7 +29,7 @@ from ecar.tokenizer import load_tokenizer
 from ecar.tokenizer.train import EfficientNetFeatures, perceptual_distance, vae_shape
 from ecar.tokenizer.vae import KLVAE, load_vae, save_vae
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
 
 def png(size: tuple[int, int] = (16, 16), mode: str = "L", seed: int = 0) -> bytes:
