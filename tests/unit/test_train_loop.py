@@ -154,3 +154,25 @@ def test_nonfinite_loss_skip_counts_and_keeps_weights_finite():
     assert all(torch.isfinite(p).all() for p in backend.module.parameters())
     assert all(math.isfinite(m["loss"]) for _, m in logged if m)
     assert logged[-1][1]["nonfinite_skipped"] == 1.0
+
+
+def test_activation_checkpointing_keeps_loss_gradients_and_parameter_names():
+    from ecar.train.engine import enable_activation_checkpointing
+
+    config = _config()
+    latents, labels = torch.randn(4, 4, 8, 8), torch.arange(4)
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config)
+        names = [name for name, _ in model.named_parameters()]
+        if checkpointed:
+            assert enable_activation_checkpointing(model) == config.model.ar_depth + config.model.flow_depth
+        loss = model.loss(latents, labels, torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, names))
+    (loss_a, grads_a, names_a), (loss_b, grads_b, names_b) = results
+    assert names_a == names_b
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
