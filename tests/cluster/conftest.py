@@ -1,0 +1,54 @@
+"""A real `ray start --head` cluster on 127.0.0.1 (token authentication on), for tests of job
+submission (the loopback S3 server comes from tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def head_node(tmp_path_factory):
+    """(dashboard address, environment for clients) of a fresh head node on loopback."""
+    dashboard = free_port()
+    # a short private temp dir: every process of this cluster names it, so teardown can stop
+    # exactly them (`ray stop` would also stop any other Ray on the machine)
+    temp_dir = tempfile.mkdtemp(prefix="ecar-ray-", dir="/tmp")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dashboard}"
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        for _ in range(60):  # the dashboard's job API comes up a little after `ray start` returns
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        yield address
+    finally:
+        subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
+        time.sleep(3)
+        subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
