@@ -79,7 +79,7 @@ def ecar_fmnist() -> Config:
                           warmup_steps=500, ema_decay=0.999),
         data=DataConfig(image_size=32, image_channels=1),
         # 32x32 images (Fashion-MNIST's 28x28 resized) to a 16x16x4 latent
-        tokenizer=TokenizerConfig(width=32, steps=800, batch_size=64, lr=2e-3),
+        tokenizer=TokenizerConfig(width=32, steps=600, batch_size=64, lr=2e-3),
     )
 
 

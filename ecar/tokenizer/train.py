@@ -13,10 +13,13 @@ the tokenizer (safetensors + tokenizer.json with the metrics) to the output URI.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -114,9 +117,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, tok.steps) / tok.steps))))
     perceptual = EfficientNetFeatures().to(device) if tok.perceptual else None
     latent_elements = config.model.latent_channels * config.model.latent_size ** 2
+    step = _restore(ray.train.get_checkpoint(), raw, optimizer, schedule)
+    every = max(100, tok.steps // 4)
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, tok.batch_size // tok.num_workers)
-    step, started, metrics = 0, time.time(), {}
+    started, metrics = time.time(), {"step": step}
     while step < tok.steps:
         for batch in shard.iter_torch_batches(batch_size=per_worker, dtypes={"image": torch.float32},
                                               device=device, drop_last=True, local_shuffle_buffer_size=4 * per_worker):
@@ -137,14 +142,46 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                            "train_psnr": float(-10 * torch.log10(mse + 1e-12))}
                 log.info("tokenizer step %d/%d loss %.4f psnr %.2f dB (%.1f s)", step, tok.steps,
                          metrics["loss"], metrics["train_psnr"], time.time() - started)
+            if step % every == 0 and step < tok.steps:
+                _report(metrics, raw, optimizer, schedule, step, config, rank)
             if step >= tok.steps:
                 break
+    _report(metrics, raw, optimizer, schedule, step, config, rank)
+
+
+STATE_NAME = "training_state.pt"
+
+
+def _report(metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimizer, schedule: Any, step: int,
+            config: Config, rank: int) -> None:
+    """A checkpoint from rank 0 (tokenizer files + optimizer state), metrics from every rank:
+    `ray.train.report` is a barrier that all ranks must reach equally often."""
+    import ray.train
+
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            save_vae(raw.cpu(), folder, config.data.image_size)
+            save_vae(model, folder, config.data.image_size)
+            # optimizer moments and counters: plain tensors and numbers, loaded with weights_only=True
+            torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
+                       os.path.join(folder, STATE_NAME))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)  # a barrier: every rank reports once
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _restore(checkpoint: Any, model: KLVAE, optimizer: torch.optim.Optimizer, schedule: Any) -> int:
+    """Resume from the run's latest checkpoint (after a failure, or a re-run of the same job);
+    returns the step to continue from (0 for a fresh run)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        saved, _ = load_vae(folder)
+        state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    log.info("tokenizer: resumed at step %d", state["step"])
+    return int(state["step"])
 
 
 def _image_batch_decoder(channels: int):
@@ -192,7 +229,7 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
     """Train on the `train` split of the prepared image shards, evaluate on `eval_split`, write
     the tokenizer to `output_uri`; returns its description (with `metrics`). Needs Ray running."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if config.tokenizer.kind != "kl_vae":
@@ -207,20 +244,26 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
     dataset = (ray.data.read_parquet(paths, filesystem=filesystem, shuffle="files").select_columns(["image"])
                .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256))
     tok = config.tokenizer
-    with tempfile.TemporaryDirectory(prefix="ecar-tokenizer-") as run_root:
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"config": config.to_dict()},
-            scaling_config=ScalingConfig(num_workers=tok.num_workers, use_gpu=tok.use_gpu,
-                                         resources_per_worker={"CPU": tok.cpus_per_worker}),
-            datasets={"train": dataset},
-            run_config=RunConfig(name=f"tokenizer-{uuid.uuid4().hex[:8]}", storage_path=run_root),
-        )
-        started = time.time()
-        result = trainer.fit()
-        train_seconds = time.time() - started
-        with result.checkpoint.as_directory() as folder:
-            model, _ = load_vae(folder)
+    # The run's state lives next to the output under a name fixed by what is trained, so that
+    # re-running the same job after a failure resumes from its latest checkpoint.
+    identity = json.dumps({"tokenizer": config.to_dict()["tokenizer"], "images_uri": images_uri,
+                           "shape": dataclasses.asdict(vae_shape(config))}, sort_keys=True)
+    run_name = f"tokenizer-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    run_filesystem, run_path = storage.arrow_fs(storage.join(output_uri, "_train"), config.storage)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": config.to_dict()},
+        scaling_config=ScalingConfig(num_workers=tok.num_workers, use_gpu=tok.use_gpu,
+                                     resources_per_worker={"CPU": tok.cpus_per_worker}),
+        datasets={"train": dataset},
+        run_config=RunConfig(name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    started = time.time()
+    result = trainer.fit()
+    train_seconds = time.time() - started
+    with result.checkpoint.as_directory() as folder:
+        model, _ = load_vae(folder)
     held_out = read_image_split(images_uri, eval_split, tok.eval_images, config)
     metrics = evaluate_tokenizer(model, held_out, tok.fid_images)
     metrics.update({"eval_split": eval_split, "train_seconds": round(train_seconds, 1),
