@@ -33,7 +33,8 @@ def test_kv_cache_sampling_equals_uncached_sampling(injection):
 @pytest.mark.parametrize("stages", [2, 3, 4, 5])
 def test_generate_is_deterministic_and_shaped_for_two_to_five_stages(stages):
     grids = [2 ** (6 - stages + i) for i in range(stages)]  # ending at 32
-    overrides = [f"model.latent_size=32", f"stages.grids={grids}", f"flow.steps_per_stage={[2] * stages}"]
+    overrides = ["model.latent_size=32", "data.image_size=64", f"stages.grids={grids}",
+                 f"flow.steps_per_stage={[2] * stages}"]
     model = tiny(overrides)
     first = model.generate(labels(), generator=torch.Generator().manual_seed(7))
     second = model.generate(labels(), generator=torch.Generator().manual_seed(7))
