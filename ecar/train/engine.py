@@ -144,6 +144,23 @@ class DeepSpeedBackend:
                 whole[name] = flat.view(parameter.ds_shape).cpu()
         return whole if self.rank == 0 else None
 
+    def state_bytes(self, extra: list[torch.Tensor]) -> int:
+        """Bytes of the tensors this rank keeps between steps: the weights (or their ZeRO-3
+        partitions), the optimizer's parameters (DeepSpeed's fp32 partitions) and moments, and
+        `extra` (the EMA); each storage counted once, since ZeRO's flat buffers back many views."""
+        tensors = [p.ds_tensor if self.zero_stage == 3 else p.data for p in self.engine.module.parameters()]
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps torch's AdamW
+        for group in base.param_groups:
+            tensors.extend(group["params"])
+        for state in base.state.values():
+            tensors.extend(value for value in state.values() if torch.is_tensor(value))
+        tensors.extend(extra)
+        storages = {}
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     # ----- checkpoints ----------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         """DeepSpeed's sharded state (module, optimizer partitions) under `directory/deepspeed`.

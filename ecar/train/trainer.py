@@ -9,6 +9,7 @@ the same name).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,8 @@ def train_worker(arguments: dict[str, Any]) -> None:
     from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
-    source = LatentSource(**arguments["source"])
+    source = LatentSource(**{**arguments["source"], "latent_shape": tuple(arguments["source"]["latent_shape"]),
+                             "class_names": tuple(arguments["source"]["class_names"])})
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
@@ -123,8 +125,9 @@ def train_worker(arguments: dict[str, Any]) -> None:
                                  checkpoint_dir_name=f"checkpoint_{state.step:08d}")
         memory.reset()
 
+    memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
     train(backend, config, open_epoch, state, ema, on_step)
-    tracker.log_metrics(state.step, memory.metrics(device))
+    tracker.log_metrics(state.step, memory.metrics(device, backend.state_bytes(list(ema.shadow.values()))))
 
     whole = backend.gather(ema.shadow)
     if rank == 0:
@@ -168,15 +171,19 @@ class PeakMemory:
         except OSError:
             pass
 
-    def metrics(self, device: torch.device) -> dict[str, float]:
-        """Maxima over workers, in MiB (a collective: every rank calls it)."""
+    def metrics(self, device: torch.device, state_bytes: int) -> dict[str, float]:
+        """Maxima over workers, in MiB (a collective: every rank calls it): peak RSS during
+        training steps, its growth over the imports-only baseline, and the bytes of the model
+        state (weights, optimizer, EMA) the worker holds between steps."""
         import torch.distributed as dist
 
         self.sample()
-        values = torch.tensor([self.peak, self.peak - self.baseline], dtype=torch.float64, device=device)
+        values = torch.tensor([self.peak, self.peak - self.baseline, state_bytes], dtype=torch.float64,
+                              device=device)
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         metrics = {"peak_rss_mib_max_worker": values[0].item() / 2**20,
-                   "peak_rss_growth_mib_max_worker": values[1].item() / 2**20}
+                   "peak_rss_growth_mib_max_worker": values[1].item() / 2**20,
+                   "model_state_mib_max_worker": values[2].item() / 2**20}
         if device.type == "cuda":
             metrics["peak_gpu_mib_this_worker"] = torch.cuda.max_memory_allocated(device) / 2**20
         return metrics
@@ -298,8 +305,7 @@ def fit(
         train_worker,
         train_loop_config={
             "config": config.to_dict(),
-            "source": {**source.__dict__, "latent_shape": list(source.latent_shape),
-                       "class_names": list(source.class_names)},
+            "source": dataclasses.asdict(source),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "export_uri": export_uri(config, name),

@@ -68,11 +68,21 @@ def test_zero0_matches_the_plain_torch_adamw(process_group):
         torch.testing.assert_close(ours[name].detach(), parameter.detach(), rtol=1e-4, atol=1e-6)
 
 
+# Bytes per parameter held between steps at world size 1: weights + AdamW moments (8) + fp32
+# EMA (4), plus DeepSpeed's fp32 master partition where the weights are not themselves it (bf16;
+# fp32 ZeRO-3 trains its partitions in place).
+STATE_BYTES_PER_PARAMETER = {(0, "fp32"): 4 + 8 + 4, (2, "bf16"): 2 + 4 + 8 + 4, (3, "fp32"): 4 + 8 + 4}
+
+
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_sharded_checkpoint_round_trips_through_the_weights_only_loader(process_group, tmp_path, stage, precision):
     config = _config(f"train.zero_stage={stage}", f"train.precision={precision}")
     backend = _deepspeed(config)
-    train(backend, config, _data, TrainState(), EMA(backend.ema_sources(), 0.9))
+    ema = EMA(backend.ema_sources(), 0.9)
+    train(backend, config, _data, TrainState(), ema)
+    parameters = sum(p.numel() for p in build_model(config).parameters())
+    expected = STATE_BYTES_PER_PARAMETER[(stage, precision)] * parameters
+    assert backend.state_bytes(list(ema.shadow.values())) == pytest.approx(expected, rel=0.02)
     backend.save(tmp_path)
     saved = {name: t.detach().clone() for name, t in backend.ema_sources()}
     fresh = _deepspeed(config.override({"train.seed": 1}))

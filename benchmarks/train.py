@@ -1,0 +1,154 @@
+"""Training throughput and memory on CPU, through the real job (Ray Train + DeepSpeed + the
+streaming latent reader + MLflow), written to benchmarks/results/train.json.
+
+1. Throughput: `ecar-fmnist` (16x16x4 latents) at 1 and 2 workers (ZeRO-2, 0.5 CPU and one
+   torch thread per worker, so Ray Data keeps a CPU): samples/s and tokens/s per worker and
+   the share of step time spent waiting for the next batch (the target is < 5%).
+2. Memory: `ecar-b` at 2 workers under ZeRO 0, 2 and 3: the model state each worker holds
+   between steps (weights, AdamW moments, DeepSpeed's fp32 partitions, the EMA; counted tensor
+   by tensor), against what ZeRO predicts for fp32 AdamW with an fp32 EMA (Rajbhandari et al.
+   2020; Psi parameters, N workers): ZeRO-0 4Psi weights + 8Psi moments + 4Psi EMA = 16Psi;
+   ZeRO-2 4Psi weights + (4Psi fp32 master + 8Psi moments)/N + 4Psi EMA; ZeRO-3 partitions
+   everything, its fp32 partitions being the weights: 16Psi/N. Also each worker's peak
+   resident memory during training steps (gradients and activations included, allocator
+   slack too), which is what a machine must have.
+
+    python benchmarks/train.py [throughput] [memory]     # both: ~10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # one-node cluster on loopback
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+MIB = 2**20
+
+
+def _metric_windows(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _fit(preset: str, overrides: list[str], manifest: str, root: Path, name: str, tracking: str):
+    from jobs.train import resolve_config, train_job
+
+    config = resolve_config(preset, overrides, manifest=manifest, output=str(root / "out"))
+    started = time.perf_counter()
+    result = train_job(config, name, tracking_uri=tracking)
+    return config, result, time.perf_counter() - started
+
+
+def throughput(manifest: str, root: Path, tracking: str, client) -> list[dict]:
+    rows = []
+    for workers in (1, 2):
+        overrides = [f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "train.zero_stage=2",
+                     "train.micro_batch_size=16", "train.global_batch_size=32", "train.steps=24",
+                     "train.log_every=4", "train.sample_every=1000", "train.checkpoint_every=1000",
+                     "data.shuffle_buffer_rows=256"]
+        config, result, seconds = _fit("ecar-fmnist", overrides, manifest, root, f"throughput-{workers}", tracking)
+        run = result.mlflow_run_id
+        # the first window holds the warm-up (first batches, allocator growth): left out
+        samples = _metric_windows(client, run, "samples_per_s_per_worker")[1:]
+        tokens = _metric_windows(client, run, "tokens_per_s_per_worker")[1:]
+        wait = _metric_windows(client, run, "data_wait_fraction")[1:]
+        rows.append({
+            "workers": workers, "preset": "ecar-fmnist", "zero_stage": 2,
+            "micro_batch_size": 16, "accumulation_steps": 32 // (16 * workers), "steps": 24,
+            "samples_per_s_per_worker": statistics.mean(samples),
+            "tokens_per_s_per_worker": statistics.mean(tokens),
+            "data_wait_fraction_mean": statistics.mean(wait),
+            "data_wait_fraction_max": max(wait),
+            "fit_wall_s": seconds,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(root / "out" / "runs" / f"throughput-{workers}", ignore_errors=True)
+    return rows
+
+
+def expected_model_state_mib(params: int, stage: int, workers: int) -> float:
+    """MiB per worker held between steps (module docstring), by ZeRO stage."""
+    psi, n = params, workers
+    table = {0: 16 * psi, 2: 4 * psi + 12 * psi / n + 4 * psi, 3: 16 * psi / n}
+    return table[stage] / MIB
+
+
+def memory(manifest: str, root: Path, tracking: str, client) -> dict:
+    from ecar.models import build_model
+    from ecar.presets import get_config
+
+    params = sum(p.numel() for p in build_model(get_config("ecar-b")).parameters())
+    rows = []
+    for stage in (0, 2, 3):
+        overrides = ["train.num_workers=2", "train.cpus_per_worker=0.5", f"train.zero_stage={stage}",
+                     "train.micro_batch_size=1", "train.global_batch_size=2", "train.steps=3",
+                     "train.log_every=1", "train.sample_every=1000", "train.checkpoint_every=1000",
+                     "train.use_gpu=false", "train.precision=fp32", "data.shuffle_buffer_rows=0"]
+        config, result, seconds = _fit("ecar-b", overrides, manifest, root, f"memory-zero{stage}", tracking)
+        metrics = client.get_run(result.mlflow_run_id).data.metrics
+        rows.append({
+            "zero_stage": stage,
+            "model_state_mib_per_worker": metrics["model_state_mib_max_worker"],
+            "expected_model_state_mib_per_worker": expected_model_state_mib(params, stage, 2),
+            "peak_rss_during_steps_mib_max_worker": metrics["peak_rss_mib_max_worker"],
+            "peak_rss_growth_over_imports_mib_max_worker": metrics["peak_rss_growth_mib_max_worker"],
+            "fit_wall_s": seconds,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(root / "out" / "runs" / f"memory-zero{stage}", ignore_errors=True)
+    for row in rows:
+        row["model_state_saving_vs_zero0_mib"] = rows[0]["model_state_mib_per_worker"] - row["model_state_mib_per_worker"]
+        row["expected_saving_vs_zero0_mib"] = (rows[0]["expected_model_state_mib_per_worker"]
+                                               - row["expected_model_state_mib_per_worker"])
+        row["peak_rss_saving_vs_zero0_mib"] = (rows[0]["peak_rss_during_steps_mib_max_worker"]
+                                               - row["peak_rss_during_steps_mib_max_worker"])
+    return {"preset": "ecar-b", "parameters": params, "workers": 2, "micro_batch_size": 1, "rows": rows}
+
+
+def main() -> int:
+    import mlflow
+
+    from ecar.runtime import init_ray
+    from ecar.train.synthetic import write_synthetic_latents
+
+    root = Path(tempfile.mkdtemp(prefix="ecar-bench-train-"))
+    try:
+        tracking = f"sqlite:///{root / 'mlflow.db'}"
+        client = mlflow.tracking.MlflowClient(tracking_uri=tracking)
+        fmnist = write_synthetic_latents(str(root / "latents-fmnist"), rows=4096, shape=(4, 16, 16), shards=16)
+        imagenet = write_synthetic_latents(str(root / "latents-b"), rows=64, shape=(16, 16, 16), shards=2)
+        init_ray(num_cpus=2)
+        started = time.perf_counter()
+        parts = sys.argv[1:] or ["throughput", "memory"]  # re-measure one part, keep the other
+        report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        report.update({
+            "what": __doc__.split("\n\n")[0],
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "device": "cpu",
+                        "note": "shared 2-core machine; other jobs may have been running"},
+            "data": "synthetic latents in the encode job's Parquet layout on local disk, read by "
+                    "ecar.data.reader.latent_dataset through Ray Data",
+        })
+        if "throughput" in parts:
+            report["throughput"] = throughput(fmnist, root, tracking, client)
+        if "memory" in parts:
+            report["memory"] = memory(imagenet, root, tracking, client)
+        report["wall_s_of_" + "_and_".join(parts)] = time.perf_counter() - started
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
