@@ -72,7 +72,7 @@ def zero2_run(ray_cluster, s3_latents, output_root, mlflow_server):
     return config, train_job(config, "zero2")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)  # includes the session's set-up: Ray, the MLflow server, the data
 def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, mlflow_server, output_root):
     config, result = zero2_run
     assert result.metrics["step"] == 6
