@@ -54,10 +54,17 @@ def _split_s3(uri: str) -> str:
     return f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
-def arrow_fs(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it (bucket/key for S3, absolute for local)."""
+def arrow_fs(uri: str, storage: StorageConfig | None = None, native: bool = True) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it (bucket/key for S3, absolute for local).
+
+    `native=False` wraps s3fs instead of pyarrow's own S3 client, for writers of arbitrary
+    files: pyarrow's client completes even an empty file as a multipart upload, which
+    S3-compatible servers such as moto reject."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).resolve())
+    if not native:
+        fs, path = fsspec_fs(uri, storage)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
     path = _split_s3(uri)
     options: dict = {}
     endpoint = endpoint_url(storage)

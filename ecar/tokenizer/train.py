@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -244,12 +245,20 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
     dataset = (ray.data.read_parquet(paths, filesystem=filesystem, shuffle="files").select_columns(["image"])
                .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256))
     tok = config.tokenizer
-    # The run's state lives next to the output under a name fixed by what is trained, so that
-    # re-running the same job after a failure resumes from its latest checkpoint.
+    # The run's state lives next to a local output under a name fixed by what is trained, so
+    # that re-running the same job after a failure resumes from its latest checkpoint. For an
+    # s3:// output it stays in a local temporary folder (no resume): Ray Train's run folder on
+    # the loopback S3 test server hung after the final report, and an unverified path is worse
+    # than a slower re-run.
     identity = json.dumps({"tokenizer": config.to_dict()["tokenizer"], "images_uri": images_uri,
                            "shape": dataclasses.asdict(vae_shape(config))}, sort_keys=True)
     run_name = f"tokenizer-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    run_filesystem, run_path = storage.arrow_fs(storage.join(output_uri, "_train"), config.storage)
+    scratch = None
+    if storage.is_remote(output_uri):
+        scratch = tempfile.TemporaryDirectory(prefix="ecar-tokenizer-")
+        run_filesystem, run_path = pafs.LocalFileSystem(), scratch.name
+    else:
+        run_filesystem, run_path = storage.arrow_fs(storage.join(output_uri, "_train"), config.storage)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": config.to_dict()},
@@ -264,6 +273,8 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
     train_seconds = time.time() - started
     with result.checkpoint.as_directory() as folder:
         model, _ = load_vae(folder)
+    if scratch is not None:
+        scratch.cleanup()
     held_out = read_image_split(images_uri, eval_split, tok.eval_images, config)
     metrics = evaluate_tokenizer(model, held_out, tok.fid_images)
     metrics.update({"eval_split": eval_split, "train_seconds": round(train_seconds, 1),
