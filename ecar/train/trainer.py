@@ -248,17 +248,14 @@ class FitResult:
 def _ray_storage(config: Config) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: the runs folder.
 
-    On S3, s3fs behind pyarrow's FSSpecHandler rather than pyarrow's own S3FileSystem: the
-    latter ignores AWS_ENDPOINT_URL, and it writes even empty files as multipart uploads, which
-    S3-compatible servers (moto, some MinIO versions) reject for empty parts."""
+    On S3, s3fs behind pyarrow (native=False): Ray writes an empty marker file first, which
+    pyarrow's own client sends as a multipart upload that moto and some S3 servers reject."""
     runs = storage.join(config.storage.root, "runs")
     if not storage.is_remote(runs):
         Path(runs).mkdir(parents=True, exist_ok=True)
         return str(Path(runs).resolve()), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    filesystem, path = storage.fsspec_fs(runs, config.storage)
-    return path, PyFileSystem(FSSpecHandler(filesystem))
+    filesystem, path = storage.arrow_fs(runs, config.storage, native=False)
+    return path, filesystem
 
 
 def worker_env(config: Config) -> dict[str, str]:
