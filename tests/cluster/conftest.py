@@ -20,9 +20,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    """(dashboard address, environment for clients) of a fresh head node on loopback."""
+    """The dashboard address of a fresh head node on loopback, torn down (and the environment
+    restored) when the module's tests are done."""
     dashboard = free_port()
     # a short private temp dir: every process of this cluster names it, so teardown can stop
     # exactly them (`ray stop` would also stop any other Ray on the machine)
@@ -36,6 +37,9 @@ def head_node(tmp_path_factory):
                     "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                    env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
+    # the job client sends this cluster's token; restored afterwards, so that later local
+    # clusters of the same test session start as they would without this one
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     try:
         from ray.job_submission import JobSubmissionClient
@@ -48,6 +52,11 @@ def head_node(tmp_path_factory):
                 time.sleep(1)
         yield address
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
         time.sleep(3)
         subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)

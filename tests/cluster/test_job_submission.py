@@ -8,7 +8,8 @@ import pytest
 
 from ecar.train.synthetic import write_synthetic_latents
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# slow: a head node whose job agent must come up; minutes on a loaded 2-core machine
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def submit(client, **job):
