@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--preset", default="ecar-fmnist")
     parser.add_argument("--images", default="outputs/fmnist/images")
     parser.add_argument("--tokenizer", default="outputs/fmnist/tokenizer")
+    parser.add_argument("--limit", type=int, default=5000,
+                        help="first N images of each split, prepared into IMAGES-bench-N (0: all)")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--cpus-per-actor", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -53,7 +55,7 @@ def main() -> int:
     from moto.server import ThreadedMotoServer
 
     from ecar.data.encode import encode_latents
-    from ecar.data.prepare import decode_pngs, image_shard_uris, read_images_manifest
+    from ecar.data.prepare import decode_pngs, image_shard_uris, prepare_images, read_images_manifest
     from ecar.data.reader import latent_dataset, torch_batches
     from ecar.data.shards import read_table
     from ecar.presets import get_config
@@ -66,6 +68,10 @@ def main() -> int:
     config = get_config(args.preset, {"tokenizer.checkpoint_uri": args.tokenizer, "data.encode_actors": args.actors,
                                       "data.encode_cpus_per_actor": args.cpus_per_actor,
                                       "data.encode_batch_size": args.batch_size})
+    if args.limit:
+        subset = f"{args.images.rstrip('/')}-bench-{args.limit}"
+        prepare_images(config.override({"data.shard_rows": 1024}), subset, limit_per_split=args.limit)
+        args.images = subset
     images = read_images_manifest(args.images, config)
     total = sum(split["rows"] for split in images["splits"].values())
 
