@@ -49,6 +49,7 @@ def small_images(tmp_path_factory) -> str:
     return uri
 
 
+@pytest.mark.timeout(480)  # ~100 s alone; a shared 2-core machine can triple it
 def test_prepare_train_encode_read_through_s3(ray_cluster, s3_prefix):
     config = get_config("ecar-debug", {"data.shard_rows": 64, "data.flip_augment": True, "tokenizer.steps": 10,
                                        "tokenizer.eval_images": 32, "tokenizer.fid_images": 8})
