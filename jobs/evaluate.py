@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 
-from ecar import storage
 from ecar.config import ConfigError
 from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
 from ecar.export import read_config, read_metadata
@@ -35,11 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     batches = tuple(int(b) for b in args.latency_batches.split(",") if b)
     try:
-        manifest = json.loads(storage.read_text(storage.join(args.samples, "manifest.json")))
         metrics = evaluate_samples(args.samples, args.manifest, args.split, args.reference_images, batches)
         if not args.no_mlflow:
-            config = read_config(manifest["checkpoint_uri"])
-            run_id = read_metadata(manifest["checkpoint_uri"]).get("mlflow_run_id", "")
+            config = read_config(metrics["checkpoint_uri"])
+            run_id = read_metadata(metrics["checkpoint_uri"]).get("mlflow_run_id", "")
             log_evaluation(metrics, config, args.tracking_uri or resolve_tracking_uri(config), run_id)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"ecar evaluate: {error}", file=sys.stderr)
