@@ -22,6 +22,7 @@ JOB_COMMANDS = {
     "sample": ("jobs.sample", "sample many images from an exported checkpoint into storage"),
     "evaluate": ("jobs.evaluate", "FID, precision/recall, FLOPs and latency of a sampling run"),
     "train": ("jobs.train", "train E-CAR or the flow-DiT on Ray Train + DeepSpeed from a latent data set"),
+    "tune": ("jobs.tune", "run a sweep from tune/ on Ray Tune (ASHA, MLflow parent/child runs, report)"),
     "quickstart": ("jobs.quickstart", "the whole pipeline on Fashion-MNIST, end to end, on a local Ray cluster"),
 }
 
@@ -56,17 +57,21 @@ def _config(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ecar.report import build_report, load_runs, log_report
-
     from ecar.config import Config
+    from ecar.report import build_report, load_runs, log_report, resolve_target
     from ecar.tracking import resolve_tracking_uri
 
     tracking_uri = args.tracking_uri or resolve_tracking_uri(Config())
-    runs = load_runs(tracking_uri, args.experiment, args.parent_run)
+    experiment, parent = args.experiment, args.parent_run
+    if args.target:
+        experiment, parent = resolve_target(tracking_uri, args.target)
+    if not experiment:
+        raise ConfigError("name a sweep run or an experiment (ecar report NAME), or pass --experiment")
+    runs = load_runs(tracking_uri, experiment, parent)
     report = build_report(runs, Path(args.output), args.metric, args.mode, args.flops_metric,
-                          title=args.parent_run or args.experiment)
-    if args.parent_run:
-        log_report(tracking_uri, args.parent_run, report)
+                          title=args.target or parent or experiment)
+    if parent:
+        log_report(tracking_uri, parent, report)
     print(report.markdown)
     print("wrote " + ", ".join(str(path) for path in report.files.values()))
     return 0
@@ -105,11 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(run=_config)
 
     report = commands.add_parser(
-        "report", help="rank an experiment's or a sweep's runs from MLflow; Pareto plot vs FLOPs",
-        epilog="example: ecar report --experiment ecar-sweeps --parent-run 3f2a... --metric fid",
+        "report", help="rank a sweep's or an experiment's runs from MLflow; Pareto plot vs FLOPs",
+        description="Read runs back from MLflow (search_runs) and write a ranked table (Markdown, CSV) and a "
+                    "Pareto plot of quality against sampling FLOPs; a sweep's report is also logged to its "
+                    "parent run.",
+        epilog="example: ecar report stages-20261129-061500 --metric fid\n"
+               "         ecar report --experiment ecar --metric eval/fid",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    report.add_argument("--experiment", required=True, help="MLflow experiment name")
-    report.add_argument("--parent-run", help="a sweep's parent run id: compare its child runs")
+    report.add_argument("target", nargs="?", help="a sweep run's name (ecar tune --name) or an experiment's name")
+    report.add_argument("--experiment", help="MLflow experiment name (instead of TARGET)")
+    report.add_argument("--parent-run", help="with --experiment: a parent run id whose child runs are compared")
     report.add_argument("--tracking-uri", help="default: tracking.tracking_uri, MLFLOW_TRACKING_URI, "
                                                "else the embedded store outputs/mlflow.db")
     report.add_argument("--metric", default="val_loss", help="the quality metric to rank by")

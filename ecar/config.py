@@ -108,6 +108,11 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 2000
     checkpoint_every: int = 1000
+    # Held-out flow loss (per stage) on `val_rows` latents of data.val_split, with fixed noise:
+    # every `eval_every` steps (0: only with checkpoints) and logged as val_loss*; what Tune's
+    # early stopping compares. val_rows=0 turns it off.
+    eval_every: int = 0
+    val_rows: int = 512
     num_to_keep: int = 2
     max_failures: int = 0
     nonfinite_loss: Literal["raise", "skip"] = "raise"
@@ -122,6 +127,7 @@ class DataConfig:
     image_channels: int = 1
     manifest_uri: str = ""
     shuffle_buffer_rows: int = 4096
+    val_split: str = "test"  # held-out latents for the validation loss (see train.val_rows)
     shard_rows: int = 4096
     # Image shards written by `prepare`, read by `train-tokenizer` and `encode`.
     images_uri: str = ""
@@ -422,6 +428,8 @@ def validate(config: Config) -> None:
     _check(train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
     for key in ("log_every", "sample_every", "checkpoint_every", "num_to_keep"):
         _check(getattr(train, key) >= 1, f"train.{key}", "must be at least 1")
+    _check(train.eval_every >= 0, "train.eval_every", "must be 0 (with checkpoints only) or positive")
+    _check(train.val_rows >= 0, "train.val_rows", "must be 0 (off) or positive")
     _check(train.max_failures >= -1, "train.max_failures", "must be -1 (unlimited) or more")
 
     _check(config.data.image_size > 0, "data.image_size", "must be positive")

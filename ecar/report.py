@@ -41,6 +41,23 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
     return runs
 
 
+def resolve_target(tracking_uri: str, target: str) -> tuple[str, str | None]:
+    """(experiment name, parent run id or None) for `ecar report TARGET`: a sweep run's name
+    (the parent run tagged ecar.sweep_run=TARGET), else an experiment's name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiments = client.search_experiments()
+    if experiments:
+        found = client.search_runs([e.experiment_id for e in experiments],
+                                   filter_string=f"tags.`ecar.sweep_run` = '{target}'", max_results=1)
+        if found:
+            return client.get_experiment(found[0].info.experiment_id).name, found[0].info.run_id
+    if client.get_experiment_by_name(target) is None:
+        raise ValueError(f"{target!r} is neither a sweep run nor an experiment at {tracking_uri}")
+    return target, None
+
+
 def pareto_front(frame: pd.DataFrame, quality: str, flops: str, mode: str) -> pd.DataFrame:
     """Rows not dominated by another row that is at least as good on both and better on one."""
     sign = 1.0 if mode == "min" else -1.0
@@ -72,6 +89,8 @@ def build_report(
     varied = [c for c in params if runs[c].nunique(dropna=False) > 1]
     columns = ["run_id", "tags.mlflow.runName", "status", quality_column]
     columns += [flops_column] if flops_column in runs else []
+    # how far a sweep's trial got (ASHA stops some early)
+    columns += [c for c in ("metrics.steps_trained",) if c in runs and c not in columns]
     table = runs[columns + varied].copy()
     table = table.sort_values(quality_column, ascending=mode == "min", na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))

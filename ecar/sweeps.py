@@ -1,5 +1,7 @@
 """Sweep definitions: a base preset plus a search space over dotted config keys.
 
+A training sweep (kind "train") trains one model per trial; a sampling sweep (kind "sample")
+varies only sampling-time keys (`sampling.*`, `flow.steps_per_stage`) of one trained checkpoint.
 A space maps either a dotted key (`train.lr`) to a Ray Tune domain, or a bundle name starting
 with `@` to a domain over dicts of dotted overrides, for keys that must change together (a stage
 count changes `stages.grids` and `flow.steps_per_stage`). Every value a grid can produce, and a
@@ -14,7 +16,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from ecar.config import Config, ConfigError
 from ecar.presets import get_config
@@ -27,10 +29,11 @@ class Sweep:
     name: str
     preset: str
     space: Callable[[Config], Space]  # built from the base config, so the smoke test can reuse it
-    metric: str = "val_loss"
+    metric: str = "val_loss"  # what ranks the trials (the report's quality column)
     mode: str = "min"
     description: str = ""
     smoke_preset: str = "ecar-debug"
+    kind: Literal["train", "sample"] = "train"
 
 
 def _is_grid(value: Any) -> bool:
@@ -59,19 +62,52 @@ def trial_overrides(trial: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def validate_space(base: Config, space: Space, samples: int = 4, seed: int = 0) -> int:
+def validate_space(base: Config, space: Space, samples: int = 4, seed: int = 0,
+                   allowed: tuple[str, ...] = ()) -> int:
     """Apply every grid combination (with sampled random domains) to `base`; return the number
-    of grid combinations. Raises ConfigError naming the first bad key or value."""
+    of grid combinations. Raises ConfigError naming the first bad key or value, or a key outside
+    the `allowed` prefixes (when given)."""
     rng = random.Random(seed)
     keys = list(space)
     options = [_candidates(space[key], samples, rng) for key in keys]
     for choice in itertools.product(*options):
         trial = dict(zip(keys, choice))
         try:
-            base.override(trial_overrides(trial))
+            overrides = trial_overrides(trial)
+            for key in overrides:
+                if allowed and not key.startswith(allowed):
+                    raise ConfigError(f"{key}: a sampling sweep may vary only {', '.join(allowed)}")
+            base.override(overrides)
         except ConfigError as error:
             raise ConfigError(f"sweep value {trial}: {error}") from None
     return math.prod(len(space[k]["grid_search"]) for k in keys if _is_grid(space[k]))
+
+
+def smoke_space(space: Space) -> tuple[Space, int]:
+    """(space, num_samples) for two trials: the first grid keeps its first two values, any
+    other grid its first; without a grid, two samples of the random domains."""
+    trimmed, grids = {}, 0
+    for key, value in space.items():
+        if _is_grid(value):
+            values = list(value["grid_search"])
+            trimmed[key] = {"grid_search": values[:2] if grids == 0 else values[:1]}
+            grids += 1
+        else:
+            trimmed[key] = value
+    return trimmed, 1 if grids else 2
+
+
+def grid_size(space: Space) -> int:
+    return math.prod(len(v["grid_search"]) for v in space.values() if _is_grid(v))
+
+
+def available_sweeps() -> list[str]:
+    """The names of the sweeps shipped in tune/."""
+    from pathlib import Path
+
+    import tune
+
+    return sorted(p.stem for p in Path(tune.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
 
 
 def load_sweep(name: str) -> Sweep:
@@ -79,15 +115,24 @@ def load_sweep(name: str) -> Sweep:
     try:
         module = importlib.import_module(f"tune.{name}")
     except ModuleNotFoundError:
-        raise ConfigError(f"unknown sweep {name!r}: no tune/{name}.py") from None
+        raise ConfigError(f"unknown sweep {name!r}: no tune/{name}.py (sweeps: {', '.join(available_sweeps())})") from None
     sweep = getattr(module, "SWEEP", None)
     if not isinstance(sweep, Sweep):
         raise ConfigError(f"tune/{name}.py defines no SWEEP = Sweep(...)")
     return sweep
 
 
-def resolve(sweep: Sweep, smoke_test: bool = False, overrides: list[str] | None = None) -> tuple[Config, Space, int]:
-    """(base config, validated space, grid size) for a run or a smoke test."""
-    base = get_config(sweep.smoke_preset if smoke_test else sweep.preset, overrides)
+def resolve(sweep: Sweep, smoke_test: bool = False, overrides: list[str] | None = None,
+            base: Config | None = None) -> tuple[Config, Space, int]:
+    """(base config, validated space, grid size) for a run or a smoke test. A sampling sweep
+    passes its checkpoint's config as `base`."""
+    if base is None:
+        base = get_config(sweep.smoke_preset if smoke_test else sweep.preset, overrides)
+    elif overrides:
+        base = base.override(overrides)
+    from ecar.sampler import SAMPLING_KEYS
+
     space = sweep.space(base)
-    return base, space, validate_space(base, space)
+    allowed = SAMPLING_KEYS if sweep.kind == "sample" else ()
+    return base, space, validate_space(base, space, allowed=allowed)
+

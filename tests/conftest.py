@@ -8,10 +8,11 @@ that they are in place before any fixture starts Ray (workers inherit the enviro
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from ecar.tracking import free_port
 
 # Keeps the one-node cluster on 127.0.0.1; read when ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -19,13 +20,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 TEST_BUCKET = "ecar-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-S3_PORT = _free_port()
+S3_PORT = free_port()
 S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 os.environ.update({
     "AWS_ENDPOINT_URL": S3_ENDPOINT,
@@ -72,6 +67,8 @@ def ray_cluster(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # the dashboard (on loopback) lets Ray Train clean up after a controller Tune stopped
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()

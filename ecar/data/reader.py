@@ -146,3 +146,23 @@ def torch_batches(dataset, batch_size: int, shuffle_buffer_rows: int, seed: int 
     return dataset.iter_torch_batches(
         batch_size=batch_size, dtypes={"latent": torch.float32, "label": torch.int64}, device=device,
         drop_last=drop_last, local_shuffle_buffer_size=shuffle_buffer_rows or None, local_shuffle_seed=seed)
+
+
+def read_latents(uri: str, split: str, rows: int, storage_config: StorageConfig | None = None,
+                 scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `rows` latents of `split` in shard order, in memory: ((N, C, h, w) float32,
+    (N,) int64). For small fixed sets such as the validation latents; never mirrored."""
+    manifest = read_manifest(uri, storage_config)
+    shape, scale = manifest["latent_shape"], manifest["latent_scale"] if scaled else 1.0
+    latents, labels, have = [], [], 0
+    for file in shard_uris(manifest, split):
+        if have >= rows:
+            break
+        table = read_table(file, storage_config, columns=["label", "latent"]).slice(0, rows - have)
+        batch = _to_tensors(shape, scale, False, False, None)(table)
+        latents.append(torch.from_numpy(batch["latent"]))
+        labels.append(torch.from_numpy(batch["label"]))
+        have += table.num_rows
+    if have < rows:
+        raise ValueError(f"{manifest['prefix']}: split {split!r} holds {have} rows, fewer than the {rows} asked for")
+    return torch.cat(latents), torch.cat(labels)

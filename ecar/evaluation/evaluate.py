@@ -128,6 +128,38 @@ def evaluate_samples(
     return metrics
 
 
+def evaluate_checkpoint(
+    checkpoint_uri: str,
+    num_images: int,
+    overrides: list[str] = (),
+    split: str = "test",
+    latency_batches: tuple[int, ...] = (),
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """The metrics of `evaluate_samples` for `num_images` generated in this process, without a
+    sampling job: for small per-trial evaluations in sweeps. The images are exactly those
+    `ecar sample` writes for rows 0..N-1 (same class-balanced labels and per-row seeds)."""
+    from ecar.sampler import Shard, ShardSampler, shard_rows, tokenizer_decoder
+
+    sampler = ShardSampler(checkpoint_uri, "", list(overrides), None, batch_size, tokenizer_decoder)
+    if sampler.decode is None:
+        raise ValueError(f"{checkpoint_uri}: the checkpoint names no latent manifest with a tokenizer, so its "
+                         "samples cannot be decoded into images for FID")
+    config = sampler.config
+    rows = shard_rows(Shard(0, num_images), None, config.model.num_classes, config.sampling.seed)
+    images = sampler.generate(rows)["images"]
+    fake = inception_features(images_to_unit(images), device=device_name())
+    real = reference_features(sampler.exported.manifest_uri, split, num_images, config)
+    metrics: dict[str, Any] = quality_metrics(real, fake)
+    metrics.update(sampling_cost(config))
+    if latency_batches:
+        metrics.update(sampling_latency(sampler.exported.model, config, latency_batches))
+    metrics.update({"checkpoint_uri": checkpoint_uri, "samples_uri": "", "reference_split": split,
+                    "steps_per_stage": list(config.flow.steps_per_stage), "cfg_scale": config.sampling.cfg_scale,
+                    "device": device_name()})
+    return metrics
+
+
 def log_evaluation(metrics: dict[str, Any], config: Config, tracking_uri: str, run_id: str = "") -> str:
     """Log numeric metrics (prefixed `eval/`), the schedule and samples URI as tags: into the checkpoint's own
     training run when its id is known and present on this tracking server, else into a new run

@@ -12,7 +12,10 @@ from urllib.parse import urlparse
 
 from ecar import storage
 from ecar.config import Config
+from ecar.log import get_logger
 from ecar.train.trainer import LatentSource
+
+log = get_logger(__name__)
 
 PROBE_TIMEOUT_S = 5  # an unreachable endpoint must fail in seconds, not after boto's retries
 
@@ -99,6 +102,7 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> L
                              f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers")
     validate_latents(manifest_uri, [split], config.storage, values=False)
     tokenizer = manifest.get("tokenizer") or {}
+    val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
     return LatentSource(
         manifest_uri=manifest_uri,
         latent_shape=tuple(manifest["latent_shape"]),
@@ -107,7 +111,22 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> L
         class_names=tuple(manifest.get("class_names") or ()),
         # only ecar's own KL-VAE is loadable by URI inside a worker
         tokenizer_uri=tokenizer.get("uri", "") if tokenizer.get("kind") == "kl_vae" else "",
+        val_split=val_split,
+        val_rows=val_rows,
     )
+
+
+def _validation_rows(config: Config, manifest: dict, manifest_uri: str) -> tuple[str, int]:
+    """(split, rows) for the validation loss: train.val_rows of data.val_split, rounded down to
+    an equal share per worker; ("", 0) when turned off or the data set has no such split."""
+    split, wanted, workers = config.data.val_split, config.train.val_rows, config.train.num_workers
+    if not wanted:
+        return "", 0
+    if split not in manifest["splits"]:
+        log.warning("no validation loss: %s has no %r split (data.val_split)", manifest_uri, split)
+        return "", 0
+    rows = min(wanted, int(manifest["splits"][split]["rows"])) // workers * workers
+    return (split, rows) if rows else ("", 0)
 
 
 def preflight(config: Config, manifest_uri: str, tracking_uri: str) -> LatentSource:

@@ -18,26 +18,36 @@ def write_synthetic_latents(
     shards: int = 4,
     num_classes: int = 10,
     seed: int = 0,
+    test_rows: int = 64,
 ) -> str:
-    """Write `rows` train latents of `shape` (C, H, W) in `shards` Parquet files under `prefix`
-    and the manifest last; returns `prefix` (what `--manifest` takes)."""
+    """Write `rows` train latents of `shape` (C, H, W) in `shards` Parquet files, `test_rows`
+    held-out latents of the same classes in one file, and the manifest last, under `prefix`;
+    returns `prefix` (what `--manifest` takes)."""
     from ecar.data.encode import latent_schema
     from ecar.data.manifest import SCHEMA_VERSION, latent_shard_uri, write_manifest
     from ecar.data.shards import shard_name, write_table
 
     rng = np.random.default_rng(seed)
     dim = int(np.prod(shape))
-    labels = np.arange(rows) % num_classes
     means = rng.standard_normal((num_classes, dim)).astype(np.float32)
-    latents = (means[labels] + 0.5 * rng.standard_normal((rows, dim))).astype(np.float32)
     schema = latent_schema(dim, flip=False)
-    entries = []
-    for index, part in enumerate(np.array_split(np.arange(rows), shards)):
-        table = pa.table({"id": [f"row-{i}" for i in part], "label": labels[part].astype(np.int64),
-                          "latent": pa.FixedSizeListArray.from_arrays(pa.array(latents[part].ravel()), dim)},
-                         schema=schema)
-        write_table(latent_shard_uri(prefix, "train", shard_name(index)), table, storage_config)
-        entries.append({"name": shard_name(index), "rows": len(part), "quarantined": 0})
+    splits, latents = {}, None
+    for split, count, parts in (("train", rows, shards), ("test", test_rows, 1)):
+        if not count:
+            continue
+        labels = np.arange(count) % num_classes
+        values = (means[labels] + 0.5 * rng.standard_normal((count, dim))).astype(np.float32)
+        latents = values if split == "train" else latents
+        entries = []
+        for index, part in enumerate(np.array_split(np.arange(count), parts)):
+            table = pa.table({"id": [f"row-{i}" if split == "train" else f"{split}-{i}" for i in part],
+                              "label": labels[part].astype(np.int64),
+                              "latent": pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), dim)},
+                             schema=schema)
+            write_table(latent_shard_uri(prefix, split, shard_name(index)), table, storage_config)
+            entries.append({"name": shard_name(index), "rows": len(part), "quarantined": 0})
+        splits[split] = {"rows": count, "quarantined": 0, "input_rows": count, "quarantine_reasons": {},
+                         "shards": entries}
     std = float(latents.std())
     write_manifest(prefix, {
         "schema_version": SCHEMA_VERSION, "kind": "latents",
@@ -47,8 +57,7 @@ def write_synthetic_latents(
         "scale_split": "train", "flip_augment": False,
         "num_classes": num_classes, "class_names": [f"class {k}" for k in range(num_classes)],
         "image_size": 0, "image_channels": 0, "source": {"images_uri": "", "kind": "synthetic", "uri": ""},
-        "splits": {"train": {"rows": rows, "quarantined": 0, "input_rows": rows, "quarantine_reasons": {},
-                             "shards": entries}},
+        "splits": splits,
         "quarantined": 0,
     }, storage_config)
     return prefix

@@ -51,9 +51,11 @@ def _experiment_id(client, config: Config, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def open_run(config: Config, tracking_uri: str, name: str, manifest_uri: str, run_uri: str) -> tuple[str, bool]:
+def open_run(config: Config, tracking_uri: str, name: str, manifest_uri: str, run_uri: str,
+             parent_run_id: str = "", tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """(run id, resumed): the MLflow run of training run `name`, created with params (the
-    flattened config), tags and the config artifact, or found again when the run resumes."""
+    flattened config), tags and the config artifact, or found again when the run resumes.
+    With `parent_run_id` it is created as that run's child (a sweep's trial)."""
     from mlflow.entities import Param
 
     client = _client(tracking_uri)
@@ -65,7 +67,9 @@ def open_run(config: Config, tracking_uri: str, name: str, manifest_uri: str, ru
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     tags = {RUN_NAME_TAG: name, "preset": config.preset, "git_commit": git_commit(),
-            "manifest_uri": manifest_uri, "run_uri": run_uri}
+            "manifest_uri": manifest_uri, "run_uri": run_uri, **(tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     params = [Param(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))

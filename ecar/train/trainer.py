@@ -37,6 +37,8 @@ class LatentSource:
     num_rows: int
     class_names: tuple[str, ...] = ()
     tokenizer_uri: str = ""  # a trained tokenizer for decoding previews, if the data names one
+    val_split: str = ""  # held-out split for the validation loss ("": none)
+    val_rows: int = 0  # how many of its rows (a multiple of micro_batch_size x num_workers)
 
 
 def run_uri(config: Config, name: str) -> str:
@@ -104,6 +106,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
             yield batch["latent"].reshape(-1, *shape), batch["label"]
 
     preview = Preview(config, source, rank) if rank == 0 else None
+    validator = Validator(config, source, rank, world_size) if source.val_rows else None
     last_metrics: dict[str, float] = {}
 
     def on_step(state: TrainState, metrics: dict[str, float] | None) -> None:
@@ -116,13 +119,22 @@ def train_worker(arguments: dict[str, Any]) -> None:
             whole = backend.gather(ema.shadow)  # a collective: every rank takes part
             if preview is not None:
                 tracker.log_figure(preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
-        if state.step % config.train.checkpoint_every == 0 or final:
+        save = state.step % config.train.checkpoint_every == 0 or final
+        validate = bool(config.train.eval_every) and state.step % config.train.eval_every == 0
+        if validator is not None and (save or validate):
+            values = validator(backend)  # a collective under ZeRO-3: every rank takes part
+            last_metrics.update(values)
+            tracker.log_metrics(state.step, values)
+        # Every report carries the validation metrics, so Tune's scheduler sees them at each one.
+        report = {"step": state.step, **{k: v for k, v in last_metrics.items() if k.startswith(("loss", "val_"))}}
+        if save:
             with tempfile.TemporaryDirectory(prefix="ecar-ckpt-") as directory:
                 backend.save(Path(directory))
                 ckpt.save_local(Path(directory), state, ema.state_dict(), info, config, rank)
-                report = {"step": state.step, **{k: v for k, v in last_metrics.items() if k.startswith("loss")}}
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        elif validate:
+            ray.train.report(report)  # a barrier too: every rank reports at the same steps
         memory.reset()
 
     memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
@@ -139,6 +151,47 @@ def train_worker(arguments: dict[str, Any]) -> None:
         save_exported(full, config, uri, latent_scale=source.latent_scale,
                       manifest_uri=source.manifest_uri, step=state.step)
         log.info("exported the EMA weights at step %d to %s", state.step, uri)
+
+
+class Validator:
+    """The flow-matching loss (total and per stage) of the current weights on a fixed held-out
+    set with fixed noise, so values compare across steps and across trials of a sweep. Each
+    rank evaluates its equal slice of the set; the means are averaged over ranks."""
+
+    def __init__(self, config: Config, source: LatentSource, rank: int, world_size: int) -> None:
+        self.config, self.source, self.rank = config, source, rank
+        self.per_rank = source.val_rows // world_size
+        self.batch = min(config.train.micro_batch_size, self.per_rank)
+        self.data: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from ecar.data.reader import read_latents
+
+        if self.data is None:
+            latents, labels = read_latents(self.source.manifest_uri, self.source.val_split, self.source.val_rows,
+                                           self.config.storage)
+            part = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+            self.data = latents[part], labels[part]
+        return self.data
+
+    @torch.no_grad()
+    def __call__(self, backend) -> dict[str, float]:
+        from ecar.train.loop import noise_seed
+
+        latents, labels = self._load()
+        sums: dict[str, float] = {}
+        batches = self.per_rank // self.batch
+        for index in range(batches):
+            part = slice(index * self.batch, (index + 1) * self.batch)
+            generator = torch.Generator(device=backend.device)
+            # the same draws at every evaluation: a function of the seed and the row position only
+            generator.manual_seed(noise_seed(self.config.train.seed, -1, index, self.rank))
+            losses = backend.forward(latents[part].to(backend.device, backend.dtype),
+                                     labels[part].to(backend.device), generator)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / batches
+        keys = sorted(sums)
+        return {f"val_{key}": value for key, value in zip(keys, backend.mean([sums[k] for k in keys]))}
 
 
 class PeakMemory:
@@ -274,11 +327,16 @@ def fit(
     dataset: Any,
     name: str,
     tracking_uri: str | None = None,
+    parent_run_id: str = "",
+    tags: dict[str, str] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> FitResult:
     """Train `config` on `dataset` (a Ray Dataset with columns `latent`, `label`) as run `name`.
 
     A run whose name already has checkpoints under the storage root resumes from the latest one
-    and keeps its MLflow run. Ray must already be initialised.
+    and keeps its MLflow run. Ray must already be initialised. `parent_run_id` makes the MLflow
+    run a child (a sweep's trial); `callbacks` go to Ray Train's RunConfig (e.g. Tune's
+    TuneReportCallback, which forwards every `ray.train.report` to the trial).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -287,7 +345,8 @@ def fit(
     from ecar.train.tracking import finish_run, open_run
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
-    mlflow_run_id, resumed = open_run(config, tracking_uri, name, source.manifest_uri, run_uri(config, name))
+    mlflow_run_id, resumed = open_run(config, tracking_uri, name, source.manifest_uri, run_uri(config, name),
+                                      parent_run_id=parent_run_id, tags=tags)
     log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
@@ -314,6 +373,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
             worker_runtime_env={"env_vars": worker_env(config)} if worker_env(config) else None,
+            callbacks=callbacks,
         ),
         datasets={DATASET_NAME: dataset},
         dataset_config=ray.train.DataConfig(execution_options=options),

@@ -6,21 +6,7 @@ synthetic latent data set (in the encode job's format) on the loopback S3 server
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,33 +14,11 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a SQLite backend and local proxied artifacts; yields its
     URL. Several processes (driver, rank-0 worker, test client) write to it, which a bare
     SQLite file would not survive."""
+    from ecar.tracking import local_tracking_server
+
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    # the server runs in its own session (uvicorn/gunicorn children): end that group, by its id
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+    with local_tracking_server(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), timeout_s=90) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from ecar.cli import build_parser, main
+from ecar.cli import JOB_COMMANDS, build_parser, main
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +37,20 @@ def test_report_on_a_missing_experiment_is_a_user_error(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["report", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(JOB_COMMANDS))
+def test_every_job_subcommand_has_help_with_an_example(name, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([name, "--help"])
+    assert stopped.value.code == 0
+    assert f"python -m {JOB_COMMANDS[name][0]}" in capsys.readouterr().out
+
+
+def test_unknown_sweep_is_a_user_error(capsys):
+    assert main(["tune", "no-such-sweep"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sweep 'no-such-sweep'" in err and "stages" in err
 
 
 def test_job_subcommands_show_their_own_help():

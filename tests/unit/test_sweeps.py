@@ -3,19 +3,26 @@ from ray import tune
 
 from ecar.config import ConfigError
 from ecar.presets import get_config
-from ecar.sweeps import load_sweep, resolve, trial_overrides, validate_space
+from ecar.sweeps import Sweep, available_sweeps, load_sweep, resolve, smoke_space, trial_overrides, validate_space
 
 pytestmark = pytest.mark.unit
 
-SHIPPED = ["stages", "windows", "conditioning", "lr"]
+SHIPPED = ["stages", "windows", "conditioning", "lr", "steps", "guidance"]
+
+
+def test_every_shipped_sweep_is_listed():
+    assert sorted(SHIPPED) == available_sweeps()
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 @pytest.mark.parametrize("smoke", [False, True])
 def test_shipped_sweeps_validate_for_their_preset_and_the_smoke_preset(name, smoke):
-    base, space, grid = resolve(load_sweep(name), smoke_test=smoke)
+    sweep = load_sweep(name)
+    base, space, grid = resolve(sweep, smoke_test=smoke)
     assert grid >= 1
     assert base.preset == ("ecar-debug" if smoke else "ecar-fmnist")
+    trimmed, samples = smoke_space(space)
+    assert validate_space(base, trimmed) * samples == 2  # a smoke test runs two trials
 
 
 def test_stage_sweep_covers_several_stage_counts_with_matching_step_lists():
@@ -49,3 +56,19 @@ def test_bundles_expand_into_dotted_overrides():
 def test_unknown_sweep_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown sweep"):
         load_sweep("nope")
+
+
+def test_sampling_sweeps_may_vary_only_sampling_keys():
+    sweep = Sweep(name="bad", preset="ecar-debug", kind="sample",
+                  space=lambda base: {"train.lr": tune.grid_search([1e-3, 1e-4])})
+    with pytest.raises(ConfigError, match="train.lr: a sampling sweep may vary only"):
+        resolve(sweep)
+
+
+def test_steps_sweep_keeps_the_stage_count_of_the_checkpoint():
+    base = get_config("ecar-fmnist")
+    _, space, grid = resolve(load_sweep("steps"), base=base)
+    schedules = space["flow.steps_per_stage"]["grid_search"]
+    assert grid == len(schedules) >= 5
+    assert all(len(s) == len(base.stages.grids) for s in schedules)
+    assert [6, 4, 2] in schedules and [2, 4, 6] in schedules

@@ -1,0 +1,420 @@
+"""Running sweeps on Ray Tune, tracked as one MLflow parent run with a child run per trial.
+
+Training sweeps (Ray Train V2 pattern): each trial is a Tune function trainable that builds
+and fits its own `TorchTrainer` (through `ecar.train.trainer.fit`), with Tune's
+`TuneReportCallback` forwarding every `ray.train.report` to the trial. The workers report the
+held-out flow loss (`val_loss`, per stage `val_loss_stageS`) at every `train.eval_every` steps
+and at checkpoints; ASHA stops trials whose validation loss trails at a rung. A finished trial
+then gets its sampling FLOPs per image and, with `fid_images`, a small FID.
+
+Sampling sweeps: each trial samples from one exported checkpoint with its own steps per stage
+or guidance schedule and scores the images (FID, precision/recall, FLOPs, latency).
+
+When trials run in parallel against the embedded SQLite store, an `mlflow server` on 127.0.0.1
+is started over that store for the sweep's duration (SQLite alone races with several writers).
+Re-running a sweep under the same `name` restores the Tune experiment: finished trials are
+kept, unfinished ones resume from their last training checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ecar import storage
+from ecar.config import Config, ConfigError
+from ecar.log import get_logger
+from ecar.sweeps import Space, Sweep, grid_size, resolve, smoke_space, trial_overrides
+
+log = get_logger(__name__)
+
+SWEEP_RUN_TAG = "ecar.sweep_run"  # on the parent run: the sweep run's name
+TRIAL_TAG = "ecar.trial_id"  # on each child run: the Tune trial id
+STOPPED_EARLY_TAG = "ecar.stopped_early"
+
+# Small enough to smoke-test any sweep in a couple of minutes: a few steps, one worker.
+SMOKE_OVERRIDES = {
+    "train.steps": 6, "train.eval_every": 2, "train.checkpoint_every": 6, "train.log_every": 2,
+    "train.sample_every": 1000, "train.num_workers": 1, "train.cpus_per_worker": 0.5,
+    "train.global_batch_size": 8, "train.micro_batch_size": 8, "train.warmup_steps": 1, "train.val_rows": 32,
+}
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    name: str = ""  # the sweep run's name; the same name resumes it (default: SWEEP-TIMESTAMP)
+    manifest_uri: str = ""  # training sweeps: the latent data set (default: data.manifest_uri)
+    checkpoint_uri: str = ""  # sampling sweeps: the exported checkpoint
+    overrides: tuple[str, ...] = ()  # applied to the base config of every trial
+    num_samples: int = 1  # repeats of the grid (samples of the random domains)
+    max_concurrent_trials: int = 1
+    grace_period: int = 0  # ASHA: steps before a trial may be stopped (0: one evaluation interval)
+    reduction_factor: int = 2
+    fid_images: int = 0  # per finished trial (training sweeps) or per trial (sampling sweeps)
+    latency_batches: tuple[int, ...] = ()
+    smoke_test: bool = False
+    address: str | None = None
+    tracking_uri: str = ""
+    report_dir: str = ""  # default: STORAGE_ROOT/sweeps/NAME/report (local) or outputs/sweeps/NAME/report
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str  # the store the runs live in (the embedded one, not a temporary server)
+    experiment: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    report_files: dict[str, str] = field(default_factory=dict)
+    report_markdown: str = ""
+
+
+# ----- inside a trial -------------------------------------------------------------------------
+def _log_child_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    numbers = [Metric(k, float(v), now, step) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers:
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=numbers)
+
+
+def training_trial(trial_space: dict[str, Any], *, base: dict[str, Any], source: dict[str, Any],
+                   tracking_uri: str, parent_run_id: str, sweep_run: str, fid_images: int) -> None:
+    """One training trial: fit the trial's config on Ray Train, reporting to Tune as it goes,
+    then report the final metrics (sampling FLOPs; FID on `fid_images` when asked)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ecar.data.reader import latent_dataset
+    from ecar.evaluation.evaluate import evaluate_checkpoint, sampling_cost
+    from ecar.train.trainer import LatentSource, fit
+
+    overrides = trial_overrides(trial_space)
+    config = Config.from_dict(base).override(overrides)
+    latent_source = LatentSource(**{**source, "latent_shape": tuple(source["latent_shape"]),
+                                    "class_names": tuple(source["class_names"])})
+    trial_id = tune.get_context().get_trial_id()
+    dataset = latent_dataset(latent_source.manifest_uri, "train", config.storage, seed=config.train.seed,
+                             validate=False)
+    tags = {"ecar.sweep": sweep_run, TRIAL_TAG: trial_id, "ecar.trial_overrides": json.dumps(overrides)}
+    result = fit(config, latent_source, dataset, f"{sweep_run}-{trial_id}", tracking_uri,
+                 parent_run_id=parent_run_id, tags=tags, callbacks=[TuneReportCallback()])
+    final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    final["step"] = config.train.steps
+    final.update(sampling_cost(config))
+    if fid_images:
+        quality = evaluate_checkpoint(result.export_uri, fid_images, split=config.data.val_split)
+        final.update({k: quality[k] for k in ("fid", "precision", "recall", "fake_images")})
+    final["steps_trained"] = config.train.steps
+    _log_child_metrics(tracking_uri, result.mlflow_run_id, final, config.train.steps)
+    tune.report(final)
+
+
+def sampling_trial(trial_space: dict[str, Any], *, checkpoint_uri: str, tracking_uri: str, experiment_id: str,
+                   parent_run_id: str, sweep_run: str, fid_images: int, latency_batches: tuple[int, ...],
+                   split: str) -> None:
+    """One sampling trial: `fid_images` images from the checkpoint under the trial's schedule,
+    scored and logged as a child run."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from ecar.evaluation.evaluate import evaluate_checkpoint
+
+    overrides = trial_overrides(trial_space)
+    items = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    trial_id = tune.get_context().get_trial_id()
+    client = MlflowClient(tracking_uri)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                               f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name=f"{sweep_run}-{trial_id}", tags={
+            "mlflow.parentRunId": parent_run_id, "ecar.sweep": sweep_run, TRIAL_TAG: trial_id,
+            "ecar.checkpoint_uri": checkpoint_uri, "ecar.trial_overrides": json.dumps(overrides)}).info.run_id
+        client.log_batch(run_id, params=[Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                                         for k, v in overrides.items()])
+    try:
+        metrics = evaluate_checkpoint(checkpoint_uri, fid_images, items, split, latency_batches)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    _log_child_metrics(tracking_uri, run_id, numbers, 0)
+    client.set_terminated(run_id)
+    tune.report(numbers)
+
+
+# ----- on the driver --------------------------------------------------------------------------
+def _tune_storage(config: Config, name: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) of the Tune experiment: STORAGE_ROOT/tune."""
+    root = storage.join(config.storage.root, "tune")
+    if not storage.is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return str(Path(root).resolve()), None
+    filesystem, path = storage.arrow_fs(root, config.storage, native=False)
+    return path, filesystem
+
+
+@contextlib.contextmanager
+def _writable_tracking(tracking_uri: str, parallel: bool) -> Iterator[str]:
+    """The URI trials write to: a loopback server over the SQLite store when trials run in
+    parallel, else the store itself."""
+    if parallel and tracking_uri.startswith("sqlite:///"):
+        from ecar.tracking import local_tracking_server
+
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        with local_tracking_server(tracking_uri, str(database.parent / "mlartifacts")) as url:
+            log.info("trials run in parallel: MLflow server %s over %s", url, tracking_uri)
+            yield url
+    else:
+        yield tracking_uri
+
+
+def _experiment_id(client, name: str, tracking_uri: str) -> str:
+    from ecar.train.tracking import _experiment_id as experiment_for
+
+    return experiment_for(client, Config().override({"tracking.experiment_name": name}), tracking_uri)
+
+
+def _parent_run(client, experiment_id: str, name: str, sweep: Sweep, base: Config, space: Space,
+                options: SweepOptions) -> tuple[str, bool]:
+    """(run id, resumed): the sweep's parent run, found again by name when the sweep resumes."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_RUN_TAG}` = '{name}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, True
+    run = client.create_run(experiment_id, run_name=name, tags={
+        SWEEP_RUN_TAG: name, "ecar.sweep": sweep.name, "ecar.sweep_kind": sweep.kind, "preset": base.preset,
+        "mlflow.note.content": f"sweep {sweep.name}: {sweep.description}"})
+    run_id = run.info.run_id
+    params = {"sweep": sweep.name, "kind": sweep.kind, "preset": base.preset, "metric": sweep.metric,
+              "mode": sweep.mode, "grid_size": grid_size(space), "num_samples": options.num_samples,
+              "max_concurrent_trials": options.max_concurrent_trials, "smoke_test": options.smoke_test,
+              "fid_images": options.fid_images, "overrides": json.dumps(list(options.overrides)),
+              "manifest_uri": options.manifest_uri or base.data.manifest_uri,
+              "checkpoint_uri": options.checkpoint_uri}
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value))
+    client.log_text(run_id, json.dumps(space, indent=2, default=repr), "search_space.json")
+    client.log_text(run_id, base.to_json(), "base_config.json")
+    return run_id, False
+
+
+def _smoke_base(sweep: Sweep, base: Config, manifest_uri: str) -> tuple[Config, str]:
+    """A smoke test's config and data: tiny settings, and synthetic latents of the preset's
+    shape under the storage root when no data set is given."""
+    config = base.override(SMOKE_OVERRIDES)
+    if not manifest_uri and not config.data.manifest_uri:
+        from ecar.train.synthetic import write_synthetic_latents
+
+        model = config.model
+        manifest_uri = storage.join(config.storage.root, "smoke-latents")
+        if not storage.exists(storage.join(manifest_uri, "manifest.json"), config.storage):
+            write_synthetic_latents(manifest_uri, config.storage, rows=128,
+                                    shape=(model.latent_channels, model.latent_size, model.latent_size),
+                                    shards=2, num_classes=model.num_classes, test_rows=32)
+    return config, manifest_uri or config.data.manifest_uri
+
+
+def run_sweep(sweep: Sweep, options: SweepOptions) -> SweepResult:
+    """Validate, then run `sweep` on Ray Tune and write its report (see the module docstring)."""
+    from ecar.export import read_config
+
+    if sweep.kind == "sample":
+        if not options.checkpoint_uri:
+            raise ConfigError(f"sweep {sweep.name} varies the sampling schedule of a trained model: "
+                              "pass --checkpoint (an exported checkpoint, e.g. outputs/quickstart/runs/quickstart/export)")
+        base, space, _ = resolve(sweep, overrides=list(options.overrides), base=read_config(options.checkpoint_uri))
+    else:
+        base, space, _ = resolve(sweep, options.smoke_test, list(options.overrides))
+    manifest_uri = options.manifest_uri
+    num_samples = options.num_samples
+    if options.smoke_test:
+        space, num_samples = smoke_space(space)
+        if sweep.kind == "train":
+            base, manifest_uri = _smoke_base(sweep, base, manifest_uri)
+    name = options.name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if sweep.kind == "train":
+        return _run_training(sweep, options, base, space, num_samples, name, manifest_uri or base.data.manifest_uri)
+    return _run_sampling(sweep, options, base, space, num_samples, name)
+
+
+def _tracking_base(options: SweepOptions, base: Config) -> str:
+    from ecar.tracking import resolve_tracking_uri
+
+    return options.tracking_uri or resolve_tracking_uri(base)
+
+
+def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Space, num_samples: int,
+                  name: str, manifest_uri: str) -> SweepResult:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ecar.runtime import init_ray
+    from ecar.train.preflight import preflight
+
+    base = base.override({"data.manifest_uri": manifest_uri})
+    tracking_uri = _tracking_base(options, base)
+    source = preflight(base, manifest_uri, tracking_uri)
+    if not source.val_rows:
+        raise ConfigError(f"data.val_split: a training sweep ranks trials by the held-out loss, but {manifest_uri} "
+                          f"has no {base.data.val_split!r} split (or train.val_rows is 0)")
+    train = base.train
+    interval = train.eval_every or train.checkpoint_every
+    scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=train.steps,
+                              grace_period=min(options.grace_period or interval, train.steps),
+                              reduction_factor=options.reduction_factor, stop_last_trials=False)
+    init_ray(options.address)
+    parallel = options.max_concurrent_trials > 1
+    with _writable_tracking(tracking_uri, parallel) as writer:
+        client = _client(writer)
+        experiment_id = _experiment_id(client, base.tracking.experiment_name, writer)
+        parent_run_id, resumed = _parent_run(client, experiment_id, name, sweep, base, space, options)
+        log.info("%s sweep %s: MLflow parent run %s", "resuming" if resumed else "starting", name, parent_run_id)
+        trainable = tune.with_parameters(
+            training_trial, base=base.to_dict(), source=dataclasses.asdict(source), tracking_uri=writer,
+            parent_run_id=parent_run_id, sweep_run=name, fid_images=options.fid_images)
+        # The trial itself only drives the trainer (its workers ask for their own CPUs); the
+        # CPU it asks for covers the FID sampling it runs at the end.
+        trainable = tune.with_resources(trainable, {"CPU": 1.0 if options.fid_images else 0.01})
+        results = _fit(trainable, space, num_samples, scheduler, options, base, name)
+        return _finish(sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results,
+                       max_step=train.steps)
+
+
+def _run_sampling(sweep: Sweep, options: SweepOptions, base: Config, space: Space, num_samples: int,
+                  name: str) -> SweepResult:
+    from ray import tune
+
+    from ecar.runtime import init_ray
+
+    tracking_uri = _tracking_base(options, base)
+    fid_images = options.fid_images or (32 if options.smoke_test else 1000)
+    init_ray(options.address)
+    with _writable_tracking(tracking_uri, options.max_concurrent_trials > 1) as writer:
+        client = _client(writer)
+        experiment_id = _experiment_id(client, base.tracking.experiment_name, writer)
+        parent_run_id, _ = _parent_run(client, experiment_id, name, sweep, base, space,
+                                       dataclasses.replace(options, fid_images=fid_images))
+        trainable = tune.with_parameters(
+            sampling_trial, checkpoint_uri=options.checkpoint_uri, tracking_uri=writer, experiment_id=experiment_id,
+            parent_run_id=parent_run_id, sweep_run=name, fid_images=fid_images,
+            latency_batches=tuple(options.latency_batches), split=base.data.val_split)
+        trainable = tune.with_resources(trainable, {"CPU": 1.0})
+        results = _fit(trainable, space, num_samples, None, options, base, name)
+        return _finish(sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results,
+                       max_step=None)
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def _fit(trainable, space: Space, num_samples: int, scheduler, options: SweepOptions, base: Config, name: str):
+    from ray import tune
+
+    storage_path, filesystem = _tune_storage(base, name)
+    experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        log.info("restoring the Tune experiment %s: finished trials are kept", experiment_path)
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=space, storage_filesystem=filesystem)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(num_samples=num_samples, scheduler=scheduler,
+                                        max_concurrent_trials=options.max_concurrent_trials),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    return tuner.fit()
+
+
+def _finish(sweep: Sweep, options: SweepOptions, base: Config, name: str, tracking_uri: str, writer: str,
+            experiment_id: str, parent_run_id: str, results, max_step: int | None) -> SweepResult:
+    """Settle every child run's status (a trial ASHA stopped was killed mid-run), rank the
+    trials, write the report into the parent run and close it."""
+    from ecar.report import build_report, load_runs, log_report
+
+    client = _client(writer)
+    children = {run.data.tags.get(TRIAL_TAG): run for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)}
+    trials = []
+    for result in results:
+        trial_id = _trial_id(result, children)
+        metrics = dict(result.metrics or {})
+        step = metrics.get("step")
+        stopped = result.error is None and max_step is not None and (step is None or step < max_step)
+        status = "FAILED" if result.error is not None else ("KILLED" if stopped else "FINISHED")
+        run = children.get(trial_id)
+        if run is not None:
+            client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, str(stopped).lower())
+            if stopped:
+                # what it stopped at, and what it would cost to sample: it still belongs on the Pareto plot
+                client.set_tag(run.info.run_id, "ecar.stopped_at_step", str(step))
+                client.log_metric(run.info.run_id, "steps_trained", float(step or 0))
+                _log_sampling_cost(client, run.info.run_id, base, result.config)
+            if run.info.status != status:
+                client.set_terminated(run.info.run_id, status=status)
+        trials.append({"trial_id": trial_id, "status": status, "stopped_early": stopped,
+                       "mlflow_run_id": run.info.run_id if run else "",
+                       "config": result.config, "error": str(result.error) if result.error else "",
+                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    out = SweepResult(name=name, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                      experiment=base.tracking.experiment_name, trials=trials)
+    ranked = [t for t in trials if isinstance(t.get(sweep.metric), (int, float))]
+    if ranked:
+        best = (min if sweep.mode == "min" else max)(ranked, key=lambda t: t[sweep.metric])
+        out.best = best
+        client.log_metric(parent_run_id, f"best_{sweep.metric}", float(best[sweep.metric]))
+        client.set_tag(parent_run_id, "ecar.best_trial", best["trial_id"])
+    counts = {status: sum(t["status"] == status for t in trials) for status in ("FINISHED", "KILLED", "FAILED")}
+    for status, count in counts.items():
+        client.log_metric(parent_run_id, f"trials_{status.lower()}", float(count))
+    quality = sweep.metric if any(sweep.metric in t for t in trials) else "val_loss"
+    report_dir = Path(options.report_dir or _default_report_dir(base, name))
+    try:
+        report = build_report(load_runs(writer, base.tracking.experiment_name, parent_run_id), report_dir,
+                              quality, sweep.mode, title=f"sweep {name}")
+        log_report(writer, parent_run_id, report)
+        out.report_files = {k: str(v) for k, v in report.files.items()}
+        out.report_markdown = report.markdown
+    except ValueError as error:  # no trial produced the metric: say so, keep the runs
+        log.warning("no report for sweep %s: %s", name, error)
+    client.set_terminated(parent_run_id, status="FAILED" if counts["FAILED"] == len(trials) else "FINISHED")
+    return out
+
+
+def _log_sampling_cost(client, run_id: str, base: Config, trial_space: dict[str, Any] | None) -> None:
+    from ecar.evaluation.evaluate import sampling_cost
+
+    for key, value in sampling_cost(base.override(trial_overrides(trial_space or {}))).items():
+        client.log_metric(run_id, key, float(value))
+
+
+def _trial_id(result, children: dict[str, Any]) -> str:
+    """The Tune trial id of a Result: Tune adds it to every reported result; a trial that
+    failed before its first report is matched to its child run by its overrides."""
+    metrics = result.metrics or {}
+    if "trial_id" in metrics:
+        return str(metrics["trial_id"])
+    wanted = json.dumps(trial_overrides(result.config or {}))
+    return next((trial for trial, run in children.items() if run.data.tags.get("ecar.trial_overrides") == wanted), "")
+
+
+def _default_report_dir(base: Config, name: str) -> str:
+    root = base.storage.root
+    return str(Path(root if not storage.is_remote(root) else "outputs") / "sweeps" / name / "report")

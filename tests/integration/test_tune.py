@@ -1,0 +1,80 @@
+"""A sweep end to end on the local Ray cluster: trials train on Ray Train + DeepSpeed from latents
+on the loopback S3 server, ASHA stops the trial that does not learn, and the parent run, the
+child runs and the report are read back from the MLflow server by a separate client."""
+
+import csv
+import io
+
+import pytest
+from ray import tune
+
+from ecar.config import ConfigError
+from ecar.sweeps import Sweep
+from ecar.tuning import STOPPED_EARLY_TAG, SweepOptions, run_sweep
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+GOOD_LR, STALLED_LR = 3e-3, 1e-9
+
+
+def learning_or_not(base):
+    # the second trial barely moves its weights: its held-out loss stays at the initial one
+    return {"train.lr": tune.grid_search([GOOD_LR, STALLED_LR])}
+
+
+SWEEP = Sweep(name="learns", preset="ecar-debug", space=learning_or_not, description="test sweep")
+
+
+def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(ray_cluster, s3_latents, s3_prefix,
+                                                                    mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    options = SweepOptions(name="learns-e2e", manifest_uri=s3_latents, smoke_test=True,
+                           overrides=(f"storage.root={s3_prefix}", "train.min_lr=0"),
+                           tracking_uri=mlflow_server, report_dir=str(tmp_path / "report"))
+    result = run_sweep(SWEEP, options)
+
+    by_lr = {trial["config"]["train.lr"]: trial for trial in result.trials}
+    assert set(by_lr) == {GOOD_LR, STALLED_LR}
+    assert by_lr[GOOD_LR]["status"] == "FINISHED" and by_lr[GOOD_LR]["step"] == 6
+    assert by_lr[STALLED_LR]["status"] == "KILLED" and by_lr[STALLED_LR]["stopped_early"]
+    assert by_lr[STALLED_LR]["step"] < 6
+    assert result.best["trial_id"] == by_lr[GOOD_LR]["trial_id"]
+
+    client = MlflowClient(mlflow_server)  # a separate client, reading what the sweep wrote
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["ecar.sweep_run"] == "learns-e2e"
+    assert parent.data.metrics["trials_killed"] == 1.0
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert {c.data.params["train.lr"] for c in children} == {str(GOOD_LR), str(STALLED_LR)}
+    statuses = {c.data.params["train.lr"]: (c.info.status, c.data.tags[STOPPED_EARLY_TAG]) for c in children}
+    assert statuses == {str(GOOD_LR): ("FINISHED", "false"), str(STALLED_LR): ("KILLED", "true")}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_loss")
+        assert [m.step for m in history][:1] == [2]  # the held-out loss at every evaluation
+        assert child.data.metrics["sampling_gflops"] > 0
+    good = next(c for c in children if c.data.params["train.lr"] == str(GOOD_LR))
+    assert good.data.metrics["val_loss"] < client.get_metric_history(good.info.run_id, "val_loss")[0].value
+
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    assert artifacts == {"report/report.md", "report/report.csv", "report/pareto.png"}
+    local = client.download_artifacts(result.parent_run_id, "report/report.csv", str(tmp_path / "download"))
+    rows = list(csv.DictReader(io.StringIO(open(local).read())))
+    assert [float(r["train.lr"]) for r in rows] == [GOOD_LR, STALLED_LR]  # ranked by val_loss
+    assert [r["status"] for r in rows] == ["FINISHED", "KILLED"]
+
+
+def test_search_space_errors_stop_the_sweep_before_anything_starts(tmp_path):
+    bad_key = Sweep(name="bad", preset="ecar-debug", space=lambda base: {"train.lrate": tune.grid_search([1e-3])})
+    with pytest.raises(ConfigError, match="train.lrate"):
+        run_sweep(bad_key, SweepOptions(overrides=(f"storage.root={tmp_path}",)))
+    bad_value = Sweep(name="bad", preset="ecar-debug", space=lambda base: {"train.zero_stage": tune.grid_search([2, 5])})
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        run_sweep(bad_value, SweepOptions(overrides=(f"storage.root={tmp_path}",)))
+    sampling = Sweep(name="bad", preset="ecar-debug", kind="sample",
+                     space=lambda base: {"sampling.cfg_scale": tune.grid_search([1.0, 2.0])})
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        run_sweep(sampling, SweepOptions())
+    assert not (tmp_path / "tune").exists()
