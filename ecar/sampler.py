@@ -206,10 +206,11 @@ def sample_to_storage(
             num_gpus=gpus,
             num_cpus=cpus_per_actor,
         )
-        total = 0
-        for row in results.iter_rows():
-            total += int(row["count"])
-            log.info("sampled %d / %d pending images", total, sum(s.count for s in pending))
+        from ecar.progress import Progress
+
+        with Progress(sum(s.count for s in pending), "sample", "images") as progress:
+            for row in results.iter_rows():
+                progress.update(int(row["count"]))
     present = existing_shards(output_uri)
     missing = [shard.name for shard in plan if shard.name not in present]
     if missing:

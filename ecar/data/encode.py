@@ -34,6 +34,7 @@ from ecar.data.prepare import image_shard_uris, pixels_to_unit, read_images_mani
 from ecar.data.shards import read_footer, write_table
 from ecar.data.sources import BadImage, decode_image, to_array, to_mode
 from ecar.log import get_logger
+from ecar.progress import Progress
 from ecar.tokenizer import load_tokenizer
 
 log = get_logger(__name__)
@@ -209,12 +210,14 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
     log.info("encode: %d image shards, %d already encoded, %d to do", total, total - len(pending), len(pending))
 
     written = 0
+    progress = Progress(len(pending), "encode", "shards")
 
     def finished(split: str, name: str, pieces: list[dict[str, np.ndarray]]) -> None:
         nonlocal written
         _write_shard(output_uri, split, name, pieces, config)
         written += 1
-        log.info("encode: wrote %s/%s (%d this run)", split, name, written)
+        progress.update()
+        log.debug("encode: wrote %s/%s (%d this run)", split, name, written)
         if on_shard:
             on_shard(split, name)
         if fault_after_shards is not None and written >= fault_after_shards:
@@ -258,6 +261,7 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
                     raise RuntimeError(f"{path}: received {received[path]} rows, the file holds {rows}")
         if buffers:
             raise RuntimeError(f"{len(buffers)} input files came back incomplete (first: {next(iter(buffers))})")
+    progress.close()
     return finalize(config, images_uri, images, output_uri, tokenizer.identity, shape)
 
 

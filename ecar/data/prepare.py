@@ -25,6 +25,7 @@ from ecar.data.shards import IMAGE_SCHEMA, read_table, shard_name, write_table
 from ecar.data.sources import (BadImage, ImageRecord, ImageSource, decode_image, encode_png,
                                open_source, resize_center_crop, to_array, to_mode)
 from ecar.log import get_logger
+from ecar.progress import track
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "images.json"
@@ -81,7 +82,7 @@ def prepare_images(config: Config, output_uri: str, source: ImageSource | None =
         chunks = [keys[i:i + config.data.shard_rows] for i in range(0, len(keys), config.data.shard_rows)]
         done = set(storage.list_files(storage.join(output_uri, split), ".parquet", store))
         written = 0
-        for index, chunk in enumerate(chunks):
+        for index, chunk in track(enumerate(chunks), len(chunks), f"prepare {split}", "shards"):
             target = storage.join(output_uri, split, shard_name(index))
             if target in done:
                 continue

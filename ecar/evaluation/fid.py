@@ -43,9 +43,12 @@ def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
 @torch.no_grad()
 def inception_features(images_BCHW: torch.Tensor, batch_size: int = 50, device: str = "cpu") -> np.ndarray:
     """(N, 2048) float64 features of images in [-1, 1] (1 or 3 channels, any size)."""
+    from ecar.progress import track
+
     network = load_inception(device)
     features = []
-    for start in range(0, images_BCHW.shape[0], batch_size):
+    starts = range(0, images_BCHW.shape[0], batch_size)
+    for start in track(starts, len(starts), "inception features", "batches"):
         x = images_BCHW[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

@@ -341,6 +341,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ecar.progress import training_progress
     from ecar.tracking import resolve_tracking_uri
     from ecar.train.tracking import finish_run, open_run
 
@@ -379,7 +380,8 @@ def fit(
         dataset_config=ray.train.DataConfig(execution_options=options),
     )
     try:
-        result = trainer.fit()
+        with training_progress(tracking_uri, mlflow_run_id, train.steps, f"train {name}"):
+            result = trainer.fit()
     except BaseException:
         finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
         raise

@@ -1,0 +1,109 @@
+"""Progress on long work: a tqdm bar on a terminal; in non-interactive logs (`ray job submit`,
+CI, a file) no bar, but one log line every tenth of the way, so logs stay short and readable.
+
+ECAR_PROGRESS=bar|log|off overrides the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import Any, Iterable, Iterator, TypeVar
+
+from ecar.log import get_logger
+
+log = get_logger("ecar.progress")
+T = TypeVar("T")
+
+
+def mode() -> str:
+    chosen = os.environ.get("ECAR_PROGRESS", "").lower()
+    if chosen in ("bar", "log", "off"):
+        return chosen
+    return "bar" if sys.stderr.isatty() else "log"
+
+
+class Progress:
+    """Counts towards `total`; `update(n, **postfix)` adds, `set(n, **postfix)` jumps."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it") -> None:
+        self.total, self.desc, self.unit = max(int(total), 0), desc, unit
+        self.done = 0
+        self.mode = mode()
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+        self.next_tenth = 1
+
+    def set(self, done: int, **postfix: Any) -> None:
+        done = min(int(done), self.total) if self.total else int(done)
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+        elif self.mode == "log" and self.total:
+            tenth = done * 10 // self.total
+            if tenth >= self.next_tenth or (done == self.total and self.done < self.total):
+                extra = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in postfix.items())
+                log.info("%s: %d/%d %s (%d%%)%s", self.desc, done, self.total, self.unit, 100 * done // self.total, extra)
+                self.next_tenth = tenth + 1
+        self.done = done
+
+    def update(self, count: int = 1, **postfix: Any) -> None:
+        self.set(self.done + count, **postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def track(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterator[T]:
+    with Progress(total, desc, unit) as progress:
+        for item in items:
+            yield item
+            progress.update()
+
+
+@contextlib.contextmanager
+def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: str = "train",
+                      every_s: float = 5.0) -> Iterator[None]:
+    """Shows a Ray Train run's progress on the driver while the block runs: the rank-0 worker
+    logs `loss` to MLflow every train.log_every steps, and a thread reads its latest step back."""
+    if mode() == "off" or not run_id:
+        yield
+        return
+    from mlflow.tracking import MlflowClient
+
+    stop = threading.Event()
+    progress = Progress(total_steps, desc, "steps")
+
+    def poll() -> None:
+        client = MlflowClient(tracking_uri)
+        while not stop.wait(every_s):
+            try:
+                history = client.get_metric_history(run_id, "loss")
+            except Exception:  # noqa: BLE001 - progress display must never break a run
+                continue
+            if history:
+                latest = max(history, key=lambda m: m.step)
+                if latest.step > progress.done:
+                    progress.set(latest.step, loss=latest.value)
+
+    thread = threading.Thread(target=poll, name="ecar-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
+        progress.close()

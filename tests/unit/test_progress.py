@@ -1,0 +1,44 @@
+import logging
+
+import pytest
+
+from ecar.progress import Progress, mode, track
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def captured(monkeypatch):
+    # ecar's loggers write to their own handler; let caplog see them too
+    monkeypatch.setattr(logging.getLogger("ecar"), "propagate", True)
+
+
+def test_non_interactive_logs_get_one_line_per_tenth(monkeypatch, caplog):
+    monkeypatch.setenv("ECAR_PROGRESS", "log")
+    with caplog.at_level(logging.INFO, logger="ecar.progress"):
+        assert list(track(range(1000), 1000, "work", "items")) == list(range(1000))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ecar.progress"]
+    assert len(lines) == 10
+    assert lines[-1] == "work: 1000/1000 items (100%)"
+
+
+def test_jumps_and_postfix_are_logged_once(monkeypatch, caplog):
+    monkeypatch.setenv("ECAR_PROGRESS", "log")
+    with caplog.at_level(logging.INFO, logger="ecar.progress"), Progress(300, "train", "steps") as progress:
+        progress.set(150, loss=0.5)
+        progress.set(150, loss=0.5)
+        progress.set(300, loss=0.25)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ecar.progress"]
+    assert lines == ["train: 150/300 steps (50%), loss 0.5", "train: 300/300 steps (100%), loss 0.25"]
+
+
+def test_off_is_silent_and_a_terminal_gets_a_bar(monkeypatch, caplog):
+    monkeypatch.setenv("ECAR_PROGRESS", "off")
+    with caplog.at_level(logging.INFO, logger="ecar.progress"):
+        list(track(range(10), 10, "quiet"))
+    assert not caplog.records
+    monkeypatch.setenv("ECAR_PROGRESS", "bar")
+    assert mode() == "bar"
+    with Progress(3, "bar") as progress:
+        progress.update(3)
+        assert progress.bar is not None and progress.bar.n == 3
