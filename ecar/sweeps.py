@@ -34,6 +34,9 @@ class Sweep:
     description: str = ""
     smoke_preset: str = "ecar-debug"
     kind: Literal["train", "sample"] = "train"
+    # ASHA compares trials by their held-out loss: only meaningful when every trial's loss is
+    # over the same time distribution (not across stage counts or window edges)
+    early_stopping: bool = True
 
 
 def _is_grid(value: Any) -> bool:

@@ -265,6 +265,8 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
     from ecar.train.preflight import preflight
 
     base = base.override({"data.manifest_uri": manifest_uri})
+    if sweep.metric == "fid" and not options.fid_images:
+        log.warning("sweep %s ranks by FID, but --fid-images is 0: ranking by val_loss instead", sweep.name)
     tracking_uri = _tracking_base(options, base)
     source = preflight(base, manifest_uri, tracking_uri)
     if not source.val_rows:
@@ -272,9 +274,13 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
                           f"has no {base.data.val_split!r} split (or train.val_rows is 0)")
     train = base.train
     interval = train.eval_every or train.checkpoint_every
-    scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=train.steps,
-                              grace_period=min(options.grace_period or interval, train.steps),
-                              reduction_factor=options.reduction_factor, stop_last_trials=False)
+    scheduler = None
+    if sweep.early_stopping:
+        scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=train.steps,
+                                  grace_period=min(options.grace_period or interval, train.steps),
+                                  reduction_factor=options.reduction_factor, stop_last_trials=False)
+    else:
+        log.info("sweep %s: no early stopping (its trials' held-out losses are not comparable)", sweep.name)
     init_ray(options.address)
     parallel = options.max_concurrent_trials > 1
     with _writable_tracking(tracking_uri, parallel) as writer:
