@@ -4,6 +4,7 @@ child runs and the report are read back from the MLflow server by a separate cli
 
 import csv
 import io
+import json
 
 import pytest
 from ray import tune
@@ -78,3 +79,62 @@ def test_search_space_errors_stop_the_sweep_before_anything_starts(tmp_path):
     with pytest.raises(ConfigError, match="--checkpoint"):
         run_sweep(sampling, SweepOptions())
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.fixture(scope="module")
+def decodable_checkpoint(tmp_path_factory):
+    """An ecar-debug export whose latent manifest names a (fresh) KL-VAE tokenizer and real
+    Fashion-MNIST test images: everything a sampling trial needs for FID."""
+    import torch
+
+    from ecar.data.manifest import SCHEMA_VERSION, write_manifest
+    from ecar.data.prepare import prepare_images
+    from ecar.export import save_exported
+    from ecar.models import build_model
+    from ecar.presets import get_config
+    from ecar.tokenizer.train import vae_shape
+    from ecar.tokenizer.vae import KLVAE, save_vae
+
+    root = tmp_path_factory.mktemp("sampling-sweep")
+    config = get_config("ecar-debug")
+    images_uri = str(root / "images")
+    prepare_images(config, images_uri, splits=["test"], limit_per_split=16)
+    torch.manual_seed(0)
+    tokenizer_uri = str(root / "tokenizer")
+    described = save_vae(KLVAE(vae_shape(config)), tokenizer_uri, config.data.image_size)
+    latents = str(root / "latents")
+    write_manifest(latents, {"schema_version": SCHEMA_VERSION, "kind": "latents", "splits": {},
+                             "source": {"images_uri": images_uri},
+                             "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]}})
+    model = build_model(config)
+    with torch.no_grad():  # off the zero-initialised outputs, so that the schedule matters
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    export = str(root / "export")
+    save_exported(model.state_dict(), config, export, latent_scale=1.0, manifest_uri=latents)
+    return export
+
+
+def test_sampling_sweep_scores_each_schedule_of_one_checkpoint(ray_cluster, decodable_checkpoint, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = Sweep(name="few-steps", preset="ecar-debug", kind="sample", metric="fid",
+                  space=lambda base: {"flow.steps_per_stage": tune.grid_search([[1, 1, 1], [3, 3, 3]])})
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(sweep, SweepOptions(name="few-steps-e2e", checkpoint_uri=decodable_checkpoint, fid_images=12,
+                                           overrides=(f"storage.root={tmp_path}",), tracking_uri=tracking,
+                                           report_dir=str(tmp_path / "report")))
+    assert [t["status"] for t in result.trials] == ["FINISHED", "FINISHED"]
+    by_steps = {json.dumps(t["config"]["flow.steps_per_stage"]): t for t in result.trials}
+    # three times the flow steps, the same AR passes: more than 1x and less than 3x the FLOPs
+    ratio = by_steps["[3, 3, 3]"]["sampling_gflops"] / by_steps["[1, 1, 1]"]["sampling_gflops"]
+    assert 1.5 < ratio < 3
+    assert all(t["fake_images"] == 12 and t["fid"] > 0 for t in result.trials)
+
+    client = MlflowClient(tracking)
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert sorted(c.data.params["flow.steps_per_stage"] for c in children) == ["[1, 1, 1]", "[3, 3, 3]"]
+    assert all(c.info.status == "FINISHED" and "fid" in c.data.metrics for c in children)
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "report")} >= {"report/report.md"}
+    assert "ranked by `fid` (min)" in result.report_markdown
