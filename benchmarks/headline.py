@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         if "sample" in args.parts:
             sample_variants(variants, paths, scale.samples, args.actors)
         if "evaluate" in args.parts:
+            import ray
+
+            ray.shutdown()  # latency is timed in this process: not next to an idle Ray cluster of ours
             evaluate_variants(variants, paths, scale.samples, scale.latency_batches)
         if "report" in args.parts:
             result = report(variants, paths, args.scale, results)
