@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from ecar.sweeps import load_sweep
     from ecar.tuning import SweepOptions, run_sweep
 
-    args = build_parser().parse_args(argv)
+    # intermixed: the overrides may follow options (`stages --fid-images 500 train.steps=200`)
+    args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"storage.root={args.output}"] if args.output else [])
     for flag in ("num_samples", "max_concurrent_trials", "reduction_factor"):
         if getattr(args, flag) < 1:
