@@ -149,7 +149,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
         full.update(whole)
         uri = arguments["export_uri"]
         save_exported(full, config, uri, latent_scale=source.latent_scale,
-                      manifest_uri=source.manifest_uri, step=state.step)
+                      manifest_uri=source.manifest_uri, step=state.step, mlflow_run_id=arguments["mlflow_run_id"])
         log.info("exported the EMA weights at step %d to %s", state.step, uri)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ecar import storage
-from ecar.export import load_exported
+from ecar.export import load_exported, read_metadata
 from jobs.train import resolve_config, train_job
 
 pytestmark = [pytest.mark.integration]
@@ -101,6 +101,8 @@ def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, m
     # the exported EMA loads in one process, whatever the training world size was
     exported = load_exported(result.export_uri)
     assert exported.step == 6 and exported.config.train.zero_stage == 2
+    # the export names its training run, so a later evaluation logs into it
+    assert read_metadata(result.export_uri)["mlflow_run_id"] == result.mlflow_run_id
     latents = exported.model.generate(torch.arange(2), generator=torch.Generator().manual_seed(0))
     assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
 
