@@ -28,6 +28,13 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (other processes may run in another directory); s3:// as is."""
+    if not uri or is_remote(uri):
+        return uri
+    return str(Path(uri).resolve())
+
+
 def join(uri: str, *parts: str) -> str:
     """`join("s3://b/p", "a", "x.json")` -> "s3://b/p/a/x.json"; local paths likewise."""
     if is_remote(uri):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,12 @@ def run_sweep(sweep: Sweep, options: SweepOptions) -> SweepResult:
         if sweep.kind == "train":
             base, manifest_uri = _smoke_base(sweep, base, manifest_uri)
     name = options.name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Trials run in other processes (and Tune may move them into their own folders): local
+    # paths must not be relative. Tune's chdir into the trial folder is off for the same reason.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    base = base.override({"storage.root": storage.absolute(base.storage.root)})
+    manifest_uri = storage.absolute(manifest_uri)
+    options = dataclasses.replace(options, checkpoint_uri=storage.absolute(options.checkpoint_uri))
     if sweep.kind == "train":
         return _run_training(sweep, options, base, space, num_samples, name, manifest_uri or base.data.manifest_uri)
     return _run_sampling(sweep, options, base, space, num_samples, name)

@@ -179,6 +179,10 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
     import ray
     from ray.data import ActorPoolStrategy
 
+    # recorded in the manifest, and read by jobs that may run elsewhere: never relative
+    images_uri = storage.absolute(images_uri)
+    if config.tokenizer.kind == "kl_vae":
+        config = config.override({"tokenizer.checkpoint_uri": storage.absolute(config.tokenizer.checkpoint_uri)})
     images = read_images_manifest(images_uri, config)
     if (images["image_size"], images["image_channels"]) != (config.data.image_size, config.data.image_channels):
         raise ConfigError(f"data.image_size: the shards at {images_uri} hold {images['image_size']}x"

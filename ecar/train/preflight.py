@@ -104,7 +104,7 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> L
     tokenizer = manifest.get("tokenizer") or {}
     val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
     return LatentSource(
-        manifest_uri=manifest_uri,
+        manifest_uri=storage.absolute(manifest_uri),  # recorded in the export, read from anywhere
         latent_shape=tuple(manifest["latent_shape"]),
         latent_scale=float(manifest["latent_scale"]),
         num_rows=rows,
