@@ -61,6 +61,13 @@ def test_storage_round_trip_atomic_writes_and_listing(root):
         storage.read_bytes(storage.join(root, "nope"))
 
 
+def test_local_paths_are_recorded_absolute_and_s3_uris_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("outputs/latents") == str(tmp_path / "outputs" / "latents")
+    assert storage.absolute("s3://bucket/latents") == "s3://bucket/latents"
+    assert storage.absolute("") == ""
+
+
 def test_storage_rejects_unknown_schemes():
     with pytest.raises(ValueError, match="unsupported storage scheme"):
         storage.arrow_fs("gs://bucket/x")
