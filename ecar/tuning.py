@@ -167,6 +167,17 @@ def _tune_storage(config: Config, name: str) -> tuple[str, Any]:
     return path, filesystem
 
 
+def _check_tracking_reach(tracking_uri: str) -> None:
+    """Trials on other nodes cannot write to this machine's SQLite file (nor to a server on its
+    loopback): a multi-node cluster needs a tracking server every node reaches."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1 and not tracking_uri.startswith(("http://", "https://")):
+        raise ConfigError(f"tracking.tracking_uri: {tracking_uri} lives on this machine, but the Ray cluster has "
+                          f"{len(nodes)} nodes; set MLFLOW_TRACKING_URI or tracking.tracking_uri to an MLflow server")
+
+
 @contextlib.contextmanager
 def _writable_tracking(tracking_uri: str, parallel: bool) -> Iterator[str]:
     """The URI trials write to: a loopback server over the SQLite store when trials run in
@@ -289,6 +300,7 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
     else:
         log.info("sweep %s: no early stopping (its trials' held-out losses are not comparable)", sweep.name)
     init_ray(options.address)
+    _check_tracking_reach(tracking_uri)
     parallel = options.max_concurrent_trials > 1
     with _writable_tracking(tracking_uri, parallel) as writer:
         client = _client(writer)
@@ -315,6 +327,7 @@ def _run_sampling(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
     tracking_uri = _tracking_base(options, base)
     fid_images = options.fid_images or (32 if options.smoke_test else 1000)
     init_ray(options.address)
+    _check_tracking_reach(tracking_uri)
     with _writable_tracking(tracking_uri, options.max_concurrent_trials > 1) as writer:
         client = _client(writer)
         experiment_id = _experiment_id(client, base.tracking.experiment_name, writer)
