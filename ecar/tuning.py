@@ -310,9 +310,10 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
         trainable = tune.with_parameters(
             training_trial, base=base.to_dict(), source=dataclasses.asdict(source), tracking_uri=writer,
             parent_run_id=parent_run_id, sweep_run=name, fid_images=options.fid_images)
-        # The trial itself only drives the trainer (its workers ask for their own CPUs); the
-        # CPU it asks for covers the FID sampling it runs at the end.
-        trainable = tune.with_resources(trainable, {"CPU": 1.0 if options.fid_images else 0.01})
+        # The trial itself only drives the trainer (its workers ask for their own CPUs). It must
+        # not hold a whole CPU while they train: Ray Data's read tasks need what is left. The
+        # FID sampling it runs at the end happens after the workers are gone.
+        trainable = tune.with_resources(trainable, {"CPU": 0.01})
         results = _fit(trainable, space, num_samples, scheduler, options, base, name)
         return _finish(sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results,
                        max_step=train.steps)
