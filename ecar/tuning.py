@@ -37,6 +37,7 @@ log = get_logger(__name__)
 SWEEP_RUN_TAG = "ecar.sweep_run"  # on the parent run: the sweep run's name
 TRIAL_TAG = "ecar.trial_id"  # on each child run: the Tune trial id
 STOPPED_EARLY_TAG = "ecar.stopped_early"
+TRIAL_MEMORY_BYTES = 2**20  # a training trial's token resource request (see _run_training)
 
 # Small enough to smoke-test any sweep in a couple of minutes: a few steps, one worker.
 SMOKE_OVERRIDES = {
@@ -310,10 +311,11 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
         trainable = tune.with_parameters(
             training_trial, base=base.to_dict(), source=dataclasses.asdict(source), tracking_uri=writer,
             parent_run_id=parent_run_id, sweep_run=name, fid_images=options.fid_images)
-        # The trial itself only drives the trainer (its workers ask for their own CPUs). It must
-        # not hold a whole CPU while they train: Ray Data's read tasks need what is left. The
-        # FID sampling it runs at the end happens after the workers are gone.
-        trainable = tune.with_resources(trainable, {"CPU": 0.01})
+        # The trial itself only drives the trainer (its workers ask for their own CPUs). It holds
+        # no CPU at all: even 0.01 leaves 0.99 of a small cluster's last CPU, and Ray Data's
+        # 1-CPU read tasks for the trial's own workers never start. The FID sampling it runs at
+        # the end happens after the workers are gone. (Tune takes CPU 0 along with memory.)
+        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY_BYTES})
         results = _fit(trainable, space, num_samples, scheduler, options, base, name)
         return _finish(sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results,
                        max_step=train.steps)
