@@ -38,7 +38,7 @@ class LatentSource:
     class_names: tuple[str, ...] = ()
     tokenizer_uri: str = ""  # a trained tokenizer for decoding previews, if the data names one
     val_split: str = ""  # held-out split for the validation loss ("": none)
-    val_rows: int = 0  # how many of its rows (a multiple of micro_batch_size x num_workers)
+    val_rows: int = 0  # how many of its rows (an equal share per worker)
 
 
 def run_uri(config: Config, name: str) -> str:
