@@ -176,3 +176,33 @@ def test_activation_checkpointing_keeps_loss_gradients_and_parameter_names():
     torch.testing.assert_close(loss_a, loss_b)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_validation_loss_is_fixed_for_fixed_weights_and_falls_with_training(tmp_path):
+    from ecar.train.preflight import prepare_source
+    from ecar.train.synthetic import write_synthetic_latents
+    from ecar.train.trainer import Validator
+
+    config = _config("train.steps=30", "train.lr=3e-3", "train.val_rows=32")
+    latents = write_synthetic_latents(str(tmp_path / "latents"), rows=64, shards=2, test_rows=40)
+    source = prepare_source(config, latents)
+    assert (source.val_split, source.val_rows) == ("test", 32)
+
+    torch.manual_seed(0)
+    backend = TorchBackend(build_model(config), config.train)
+    validator = Validator(config, source, rank=0, world_size=1)
+    before = validator(backend)
+    assert validator(backend) == before  # the same rows and noise every time
+    assert set(before) == {"val_loss", "val_loss_stage0", "val_loss_stage1", "val_loss_stage2"}
+    train(backend, config, _data(), TrainState(), EMA(backend.ema_sources(), config.train.ema_decay))
+    assert validator(backend)["val_loss"] < before["val_loss"]
+
+
+def test_no_validation_split_turns_validation_off(tmp_path):
+    from ecar.train.preflight import prepare_source
+    from ecar.train.synthetic import write_synthetic_latents
+
+    latents = write_synthetic_latents(str(tmp_path / "latents"), rows=64, shards=2, test_rows=0)
+    assert prepare_source(_config(), latents).val_rows == 0
+    assert prepare_source(_config("train.val_rows=0"), write_synthetic_latents(
+        str(tmp_path / "other"), rows=64, shards=2)).val_rows == 0
