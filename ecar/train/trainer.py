@@ -346,6 +346,8 @@ def fit(
     from ecar.train.tracking import finish_run, open_run
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
+    # Workers run in Ray's own folders: a relative storage root would put the export there.
+    config = config.override({"storage.root": storage.absolute(config.storage.root)})
     mlflow_run_id, resumed = open_run(config, tracking_uri, name, source.manifest_uri, run_uri(config, name),
                                       parent_run_id=parent_run_id, tags=tags)
     log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
