@@ -9,16 +9,28 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 
 import pytest
 
 from ecar.tracking import free_port
 
 
+@dataclass(frozen=True)
+class HeadNode:
+    address: str
+    headers: dict[str, str]
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers=self.headers)
+
+
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
-    """The dashboard address of a fresh head node on loopback, torn down (and the environment
-    restored) when the module's tests are done."""
+    """A fresh head node on loopback (its dashboard address and auth headers), torn down when
+    the module's tests are done."""
     dashboard = free_port()
     # a short private temp dir: every process of this cluster names it, so teardown can stop
     # exactly them (`ray stop` would also stop any other Ray on the machine)
@@ -32,26 +44,20 @@ def head_node(tmp_path_factory):
                     "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                    env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
-    # the job client sends this cluster's token; restored afterwards, so that later local
-    # clusters of the same test session start as they would without this one
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    # the client sends this cluster's token itself: Ray reads RAY_AUTH_MODE once per process,
+    # so setting it here would be ignored after any earlier test of the session started Ray
+    headers = {"Authorization": f"Bearer {token.read_text()}"}
     try:
         from ray.job_submission import JobSubmissionClient
 
         for _ in range(60):  # the dashboard's job API comes up a little after `ray start` returns
             try:
-                JobSubmissionClient(address).list_jobs()
+                JobSubmissionClient(address, headers=headers).list_jobs()
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(1)
-        yield address
+        yield HeadNode(address, headers)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
         time.sleep(3)
         subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)

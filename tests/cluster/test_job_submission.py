@@ -43,10 +43,10 @@ def wait(client, job_id, limit_s=600):
 
 def test_a_submitted_training_job_trains_and_checkpoints_to_s3(head_node, s3_prefix):
     import boto3
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     latents = write_synthetic_latents(f"{s3_prefix}/latents", rows=64, shape=(4, 8, 8), shards=2)
-    client = JobSubmissionClient(head_node)
+    client = head_node.client()
     entrypoint = (f"python -m jobs.train --preset ecar-debug --manifest {latents} --output {s3_prefix} "
                   "--name submitted train.steps=4 train.checkpoint_every=2 train.sample_every=4 "
                   "train.log_every=2 train.num_workers=1 train.global_batch_size=8")
@@ -64,9 +64,9 @@ def test_a_submitted_training_job_trains_and_checkpoints_to_s3(head_node, s3_pre
 
 
 def test_a_job_with_a_bad_preset_fails_with_one_clear_line(head_node):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(head_node)
+    client = head_node.client()
     job_id = submit(client, entrypoint="python -m jobs.train --preset ecar-huge --manifest s3://ecar-test/x",
                     runtime_env={"working_dir": ".", "excludes": ["outputs", "*.db"]})
     assert wait(client, job_id, 300) == JobStatus.FAILED
