@@ -14,7 +14,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Keeps a laptop's one-node cluster on 127.0.0.1 (read when ray is imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
+    from ray.data import DataContext
 
+    # ecar's own progress (ecar.progress) counts images and rows; Ray Data's bars would repeat
+    # it, and in a non-interactive log they become a status block every few seconds
+    DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     if address is None:
