@@ -107,3 +107,56 @@ def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: st
         stop.set()
         thread.join(timeout=every_s + 5)
         progress.close()
+
+
+class _Board:
+    """A Ray actor the workers of a run post their step to (fire and forget), read by the driver:
+    it reaches a driver on any node, where worker logs do not (the driver's Ray keeps them)."""
+
+    def __init__(self) -> None:
+        self.step, self.metrics = 0, {}
+
+    def post(self, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.step:
+            self.step, self.metrics = step, metrics
+
+    def read(self) -> tuple[int, dict[str, float]]:
+        return self.step, self.metrics
+
+
+@contextlib.contextmanager
+def worker_progress(total_steps: int, desc: str, unit: str = "steps", every_s: float = 5.0) -> Iterator[Any]:
+    """Yields an actor handle (None when progress is off) to pass to a Ray Train loop, whose
+    rank 0 calls `handle.post.remote(step, {"loss": ...})`; the driver shows it as `Progress`.
+    Needs Ray initialised; the actor takes no CPU."""
+    if mode() == "off":
+        yield None
+        return
+    import ray
+
+    board = ray.remote(num_cpus=0)(_Board).remote()
+    stop = threading.Event()
+    progress = Progress(total_steps, desc, unit)
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                step, metrics = ray.get(board.read.remote(), timeout=every_s)
+            except Exception:  # noqa: BLE001 - progress display must never break a run
+                continue
+            if step > progress.done:
+                progress.set(step, **metrics)
+
+    thread = threading.Thread(target=poll, name=f"ecar-progress-{desc}", daemon=True)
+    thread.start()
+    try:
+        yield board
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
+        with contextlib.suppress(Exception):  # the final count, read once more
+            step, metrics = ray.get(board.read.remote(), timeout=10)
+            if step > progress.done:
+                progress.set(step, **metrics)
+        progress.close()
+        ray.kill(board)

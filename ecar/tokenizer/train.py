@@ -32,6 +32,7 @@ from ecar import storage
 from ecar.config import Config, ConfigError
 from ecar.data.prepare import decode_pngs, image_shard_uris, read_image_split, read_images_manifest
 from ecar.log import get_logger
+from ecar.progress import worker_progress
 from ecar.tokenizer.vae import KLVAE, VAEShape, load_vae, save_vae
 
 log = get_logger(__name__)
@@ -120,6 +121,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     latent_elements = config.model.latent_channels * config.model.latent_size ** 2
     step = _restore(ray.train.get_checkpoint(), raw, optimizer, schedule)
     every = max(100, tok.steps // 4)
+    board = loop_config.get("progress") if rank == 0 else None  # ecar.progress.worker_progress
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, tok.batch_size // tok.num_workers)
     started, metrics = time.time(), {"step": step}
@@ -137,6 +139,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             schedule.step()
             step += 1
+            if board is not None and (step % 10 == 0 or step == tok.steps):
+                board.post.remote(step, {"loss": float(loss)})
             if step % 100 == 0 or step == tok.steps:
                 mse = (reconstruction.detach().clamp(-1, 1) - images).pow(2).mean() / 4  # on [0, 1]
                 metrics = {"step": step, "loss": float(loss), "l1": float(l1), "kl": float(kl),
@@ -259,17 +263,18 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
         run_filesystem, run_path = pafs.LocalFileSystem(), scratch.name
     else:
         run_filesystem, run_path = storage.arrow_fs(storage.join(output_uri, "_train"), config.storage)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"config": config.to_dict()},
-        scaling_config=ScalingConfig(num_workers=tok.num_workers, use_gpu=tok.use_gpu,
-                                     resources_per_worker={"CPU": tok.cpus_per_worker}),
-        datasets={"train": dataset},
-        run_config=RunConfig(name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
     started = time.time()
-    result = trainer.fit()
+    with worker_progress(tok.steps, "tokenizer", "steps") as board:
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"config": config.to_dict(), "progress": board},
+            scaling_config=ScalingConfig(num_workers=tok.num_workers, use_gpu=tok.use_gpu,
+                                         resources_per_worker={"CPU": tok.cpus_per_worker}),
+            datasets={"train": dataset},
+            run_config=RunConfig(name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
     train_seconds = time.time() - started
     with result.checkpoint.as_directory() as folder:
         model, _ = load_vae(folder)

@@ -42,3 +42,12 @@ def test_off_is_silent_and_a_terminal_gets_a_bar(monkeypatch, caplog):
     with Progress(3, "bar") as progress:
         progress.update(3)
         assert progress.bar is not None and progress.bar.n == 3
+
+
+def test_the_board_keeps_the_latest_step_when_posts_arrive_out_of_order():
+    from ecar.progress import _Board
+
+    board = _Board()
+    board.post(5, {"loss": 0.5})
+    board.post(3, {"loss": 0.9})
+    assert board.read() == (5, {"loss": 0.5})

@@ -1,0 +1,35 @@
+"""Progress posted by Ray workers reaches the driver (their logs do not: the local cluster keeps
+them), as for the tokenizer's Ray Train loop."""
+
+import logging
+
+import pytest
+
+from ecar.progress import worker_progress
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_steps_posted_by_a_remote_task_are_shown_by_the_driver(ray_cluster, monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(logging.getLogger("ecar"), "propagate", True)
+    monkeypatch.setenv("ECAR_PROGRESS", "log")
+
+    @ray.remote(num_cpus=0)
+    def worker(board, steps: int) -> int:
+        for step in range(1, steps + 1):
+            board.post.remote(step, {"loss": 1.0 / step})
+        return steps
+
+    with caplog.at_level(logging.INFO, logger="ecar.progress"):
+        with worker_progress(40, "tokenizer", "steps", every_s=0.2) as board:
+            assert ray.get(worker.remote(board, 40)) == 40
+    lines = [r.getMessage() for r in caplog.records if r.name == "ecar.progress"]
+    assert lines and lines[-1] == "tokenizer: 40/40 steps (100%), loss 0.025"
+
+
+def test_off_hands_no_board(monkeypatch):
+    monkeypatch.setenv("ECAR_PROGRESS", "off")
+    with worker_progress(10, "quiet") as board:
+        assert board is None
