@@ -214,13 +214,13 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
     log.info("encode: %d image shards, %d already encoded, %d to do", total, total - len(pending), len(pending))
 
     written = 0
-    progress = Progress(len(pending), "encode", "shards")
+    # counted in images as batches come back: a shard is only complete at its last row
+    progress = Progress(sum(rows for _, _, rows in pending.values()), "encode", "images")
 
     def finished(split: str, name: str, pieces: list[dict[str, np.ndarray]]) -> None:
         nonlocal written
         _write_shard(output_uri, split, name, pieces, config)
         written += 1
-        progress.update()
         log.debug("encode: wrote %s/%s (%d this run)", split, name, written)
         if on_shard:
             on_shard(split, name)
@@ -254,6 +254,7 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
         received: dict[str, int] = defaultdict(int)
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             paths = batch["path"]
+            progress.update(len(paths))
             for path in np.unique(paths):
                 mask = paths == path
                 buffers[path].append({k: v[mask] for k, v in batch.items() if k != "path"})
