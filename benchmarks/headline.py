@@ -272,7 +272,7 @@ def comparisons(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 COLUMNS = [("variant", "{}"), ("steps_per_stage", "{}"), ("params", "{:,}"), ("fid", "{:.2f}"),
-           ("precision", "{:.3f}"), ("recall", "{:.3f}"), ("sampling_gflops", "{:.2f}"),
+           ("precision", "{:.3f}"), ("recall", "{:.3f}"), ("classifier_score", "{:.2f}"), ("sampling_gflops", "{:.2f}"),
            ("latency_s_per_image_b1", "{:.4f}"), ("latency_s_per_image_b16", "{:.4f}")]
 
 

@@ -1,6 +1,7 @@
 """Evaluate a finished sampling run: FID, precision/recall against the real images of the latent
-data set (reference features cached next to its manifest), FLOPs and latency per image; logged
-to MLflow against the checkpoint's training run when it is known.
+data set (reference features cached next to its manifest), a classifier score (the Inception
+Score's formula with EfficientNet-Lite0, and the real images' for scale), FLOPs and latency per
+image; logged to MLflow against the checkpoint's training run when it is known.
 
     python -m jobs.evaluate --samples outputs/samples/NAME --split test
 """

@@ -1,8 +1,10 @@
-"""Judging a sample set against the data: FID, precision/recall, and the cost of sampling.
+"""Judging a sample set against the data: FID, precision/recall, a classifier score (the
+Inception Score's formula with EfficientNet-Lite0, next to the real images' score), and the
+cost of sampling.
 
-Reference features of the real images are computed once per (split, count) and cached on
-storage next to the latent manifest (`PREFIX/reference/inception-SPLIT-N.npz`), so every
-evaluation against that data set reuses them. FID on a few thousand images is biased upwards
+Reference features and class probabilities of the real images are computed once per (split,
+count) and cached on storage next to the latent manifest (`PREFIX/reference/inception-SPLIT-N.npz`,
+`classifier-SPLIT-N.npz`), so every evaluation against that data set reuses them. FID on a few thousand images is biased upwards
 against FID-50k: compare only numbers measured with the same N (it is recorded).
 """
 
@@ -12,7 +14,7 @@ import io
 import json
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from ecar import storage
 from ecar.config import Config
 from ecar.data.manifest import read_manifest
 from ecar.data.prepare import read_image_split
+from ecar.evaluation.classifier import classifier_probabilities, classifier_score
 from ecar.evaluation.fid import feature_statistics, frechet_distance, inception_features
 from ecar.evaluation.manifold import precision_recall
 from ecar.export import load_exported
@@ -34,24 +37,47 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference_features(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
-    """(N, 2048) Inception features of the first N real images of `split`, cached on storage."""
+def _cached_reference(manifest_uri: str, split: str, num_images: int, config: Config, kind: str,
+                      compute: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+    """`compute` of the first N real images of `split`, cached on storage next to the latent
+    manifest as PREFIX/reference/KIND-SPLIT-N.npz (float32)."""
     manifest = read_manifest(manifest_uri, config.storage)
-    cache = storage.join(manifest["prefix"], "reference", f"inception-{split}-{num_images}.npz")
+    cache = storage.join(manifest["prefix"], "reference", f"{kind}-{split}-{num_images}.npz")
     if storage.exists(cache, config.storage):
         with np.load(io.BytesIO(storage.read_bytes(cache, config.storage))) as data:
-            log.info("reference features from the cache %s", cache)
-            return data["features"].astype(np.float64)
+            log.info("reference %s from the cache %s", kind, cache)
+            # caches written before the classifier score held Inception features under "features"
+            return data["values" if "values" in data else "features"].astype(np.float64)
     images_uri = manifest["source"]["images_uri"]
     images = read_image_split(images_uri, split, num_images, config)
     if images.shape[0] < num_images:
         raise ValueError(f"{images_uri}/{split} holds {images.shape[0]} images, fewer than the {num_images} asked for")
-    features = inception_features(images, device=device_name())
+    values = compute(images).astype(np.float32)
     buffer = io.BytesIO()
-    np.savez(buffer, features=features.astype(np.float32), split=split, images_uri=images_uri)
+    np.savez(buffer, values=values, split=split, images_uri=images_uri)
     storage.write_bytes_atomic(cache, buffer.getvalue(), config.storage)
-    log.info("cached reference features of %d %s images at %s", num_images, split, cache)
-    return features.astype(np.float32).astype(np.float64)
+    log.info("cached reference %s of %d %s images at %s", kind, num_images, split, cache)
+    return values.astype(np.float64)
+
+
+def reference_features(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
+    """(N, 2048) Inception features of the first N real images of `split`, cached on storage."""
+    return _cached_reference(manifest_uri, split, num_images, config, "inception",
+                             lambda images: inception_features(images, device=device_name()))
+
+
+def reference_probabilities(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
+    """(N, 1000) EfficientNet-Lite0 class probabilities of the same real images, cached likewise."""
+    return _cached_reference(manifest_uri, split, num_images, config, "classifier",
+                             lambda images: classifier_probabilities(images, device=device_name()))
+
+
+def classifier_metrics(real_NK: np.ndarray, fake_MK: np.ndarray) -> dict[str, float]:
+    """The classifier score of the samples and, for scale, of the real images at the same N."""
+    score, spread = classifier_score(fake_MK)
+    real_score, real_spread = classifier_score(real_NK)
+    return {"classifier_score": score, "classifier_score_std": spread,
+            "real_classifier_score": real_score, "real_classifier_score_std": real_spread}
 
 
 def quality_metrics(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3) -> dict[str, float]:
@@ -115,10 +141,14 @@ def evaluate_samples(
     exported = load_exported(samples_manifest["checkpoint_uri"], device_name())
     config = sampling_config(exported.config, samples_manifest["overrides"])
     samples = read_samples(samples_uri, "images")
-    fake = inception_features(images_to_unit(samples["images"]), device=device_name())
+    fake_images = images_to_unit(samples["images"])
+    fake = inception_features(fake_images, device=device_name())
     count = reference_images or len(fake)
-    real = reference_features(manifest_uri or exported.manifest_uri, split, count, config)
+    manifest_uri = manifest_uri or exported.manifest_uri
+    real = reference_features(manifest_uri, split, count, config)
     metrics: dict[str, Any] = quality_metrics(real, fake)
+    metrics.update(classifier_metrics(reference_probabilities(manifest_uri, split, count, config),
+                                      classifier_probabilities(fake_images, device=device_name())))
     metrics.update(sampling_cost(config))
     if latency_batches:
         metrics.update(sampling_latency(exported.model, config, latency_batches))
@@ -147,10 +177,13 @@ def evaluate_checkpoint(
                          "samples cannot be decoded into images for FID")
     config = sampler.config
     rows = shard_rows(Shard(0, num_images), None, config.model.num_classes, config.sampling.seed)
-    images = sampler.generate(rows)["images"]
-    fake = inception_features(images_to_unit(images), device=device_name())
-    real = reference_features(sampler.exported.manifest_uri, split, num_images, config)
+    images = images_to_unit(sampler.generate(rows)["images"])
+    fake = inception_features(images, device=device_name())
+    manifest_uri = sampler.exported.manifest_uri
+    real = reference_features(manifest_uri, split, num_images, config)
     metrics: dict[str, Any] = quality_metrics(real, fake)
+    metrics.update(classifier_metrics(reference_probabilities(manifest_uri, split, num_images, config),
+                                      classifier_probabilities(images, device=device_name())))
     metrics.update(sampling_cost(config))
     if latency_batches:
         metrics.update(sampling_latency(sampler.exported.model, config, latency_batches))

