@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecar.evaluation.fid import rgb_batches
+
 INPUT_SIZE = 224  # EfficientNet-Lite0's training resolution
 NUM_CLASSES = 1000
 
@@ -54,15 +56,9 @@ def load_classifier(device: str = "cpu") -> nn.Module:
 def classifier_probabilities(images_BCHW: torch.Tensor, batch_size: int = 100, device: str = "cpu") -> np.ndarray:
     """(N, 1000) float64 class probabilities of images in [-1, 1] (1 or 3 channels, any size);
     [-1, 1] is exactly timm's (x - 0.5) / 0.5 normalisation for the lite models."""
-    from ecar.progress import track
-
     network = load_classifier(device)
     out = []
-    starts = range(0, images_BCHW.shape[0], batch_size)
-    for start in track(starts, len(starts), "classifier", "batches"):
-        x = images_BCHW[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+    for x in rgb_batches(images_BCHW, batch_size, "classifier", device):
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         out.append(network(x).double().softmax(dim=1).cpu())
     return torch.cat(out).numpy()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,18 +41,23 @@ def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
         return torch.jit.load(inception_path(), map_location=device).eval()
 
 
+def rgb_batches(images_BCHW: torch.Tensor, batch_size: int, desc: str, device: str) -> Iterator[torch.Tensor]:
+    """Batches of images in [-1, 1] as float (B, 3, H, W) on `device` (grayscale repeated), with
+    progress: the input side shared by the feature and classifier networks."""
+    from ecar.progress import track
+
+    starts = range(0, images_BCHW.shape[0], batch_size)
+    for start in track(starts, len(starts), desc, "batches"):
+        x = images_BCHW[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
+        yield x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 @torch.no_grad()
 def inception_features(images_BCHW: torch.Tensor, batch_size: int = 50, device: str = "cpu") -> np.ndarray:
     """(N, 2048) float64 features of images in [-1, 1] (1 or 3 channels, any size)."""
-    from ecar.progress import track
-
     network = load_inception(device)
     features = []
-    starts = range(0, images_BCHW.shape[0], batch_size)
-    for start in track(starts, len(starts), "inception features", "batches"):
-        x = images_BCHW[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+    for x in rgb_batches(images_BCHW, batch_size, "inception features", device):
         x = (x + 1) * 127.5  # back to 0..255, then the TF convention
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         features.append(network((x - 128.0) / 128.0).double().cpu())
