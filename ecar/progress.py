@@ -110,8 +110,9 @@ def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: st
 
 
 class _Board:
-    """A Ray actor the workers of a run post their step to (fire and forget), read by the driver:
-    it reaches a driver on any node, where worker logs do not (the driver's Ray keeps them)."""
+    """Run as a Ray actor: the workers of a run post their step to it (fire and forget) and the
+    driver reads it, on any node; worker logs do not reach the driver (a local cluster starts
+    with log_to_driver=False, and on a cluster they stay in the workers' log files)."""
 
     def __init__(self) -> None:
         self.step, self.metrics = 0, {}
@@ -158,5 +159,5 @@ def worker_progress(total_steps: int, desc: str, unit: str = "steps", every_s: f
             step, metrics = ray.get(board.read.remote(), timeout=10)
             if step > progress.done:
                 progress.set(step, **metrics)
+            ray.kill(board)
         progress.close()
-        ray.kill(board)
