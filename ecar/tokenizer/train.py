@@ -126,7 +126,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             schedule.step()
             step += 1
             if board is not None and (step % 10 == 0 or step == tok.steps):
-                board.post.remote(step, {"loss": float(loss)})
+                posted = board.post.remote(step, {"loss": float(loss)})
+                if step == tok.steps:
+                    ray.get(posted)  # the final count is there before the driver's last read
             if step % 100 == 0 or step == tok.steps:
                 mse = (reconstruction.detach().clamp(-1, 1) - images).pow(2).mean() / 4  # on [0, 1]
                 metrics = {"step": step, "loss": float(loss), "l1": float(l1), "kl": float(kl),
