@@ -146,6 +146,7 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     return {"root": root, "tracking_uri": tracking_uri, "mlflow_run_id": result.mlflow_run_id,
             "export_uri": result.export_uri, "samples_uri": samples_uri, "sample_grid": grid_path, "latent_scale": manifest["latent_scale"],
             "fid": metrics["fid"], "precision": metrics["precision"], "recall": metrics["recall"],
+            "classifier_score": metrics["classifier_score"], "real_classifier_score": metrics["real_classifier_score"],
             "fid_images": metrics["fake_images"], "sampling_gflops": metrics["sampling_gflops"],
             "seconds": durations, "total_seconds": round(sum(durations.values()), 1)}
 

@@ -16,6 +16,7 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((root / "quickstart.json").read_text())
     assert summary["fid_images"] == 16 and summary["fid"] > 0
+    assert summary["classifier_score"] >= 1.0 and summary["real_classifier_score"] >= 1.0
     assert (root / "samples.png").stat().st_size > 0
     assert (root / "runs" / "quickstart" / "export" / "export.json").exists()
     # a re-run finds every step done: it trains nothing new and samples nothing new
