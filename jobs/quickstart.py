@@ -37,9 +37,10 @@ class Scale:
     latency_batches: tuple[int, ...]
 
 
-# `default` is sized for ~15 minutes on 2 CPU cores (17.1 measured from a clean clone): 8,000 images per split, a short tokenizer
-# run, 300 E-CAR steps at batch 32 and FID on 500 samples. It shows the whole system working;
-# the models it trains are far from converged (see benchmarks/ for real runs).
+# `default` is sized for ~15 minutes on 2 CPU cores (17.1 measured from a clean clone): 8,000
+# images per split, a short tokenizer run, 300 E-CAR steps at batch 32 and FID on 500 samples.
+# It shows the whole system working; the models it trains are far from converged (see
+# benchmarks/ for real runs).
 SCALES = {
     "default": Scale(images_per_split=8000, tokenizer_steps=250, train_steps=300, batch_size=32, samples=500,
                      latency_batches=(1, 16)),
