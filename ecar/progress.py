@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ecar.log import get_logger
 
@@ -75,6 +75,37 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterat
 
 
 @contextlib.contextmanager
+def _polled(total: int, desc: str, unit: str, read: Callable[[], tuple[int, dict[str, float]] | None],
+            every_s: float) -> Iterator[None]:
+    """Shows `Progress` for work running elsewhere while the block runs: a thread calls `read`
+    (latest step and metrics, or None) every `every_s`, and once more when the block ends."""
+    stop = threading.Event()
+    progress = Progress(total, desc, unit)
+
+    def show() -> None:
+        try:
+            latest = read()
+        except Exception:  # noqa: BLE001 - progress display must never break a run
+            return
+        if latest is not None and latest[0] > progress.done:
+            progress.set(latest[0], **latest[1])
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            show()
+
+    thread = threading.Thread(target=poll, name=f"ecar-progress-{desc}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 15)  # a read may wait up to 10 s
+        show()  # the final count
+        progress.close()
+
+
+@contextlib.contextmanager
 def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: str = "train",
                       every_s: float = 5.0) -> Iterator[None]:
     """Shows a Ray Train run's progress on the driver while the block runs: the rank-0 worker
@@ -84,29 +115,17 @@ def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: st
         return
     from mlflow.tracking import MlflowClient
 
-    stop = threading.Event()
-    progress = Progress(total_steps, desc, "steps")
+    client = MlflowClient(tracking_uri)
 
-    def poll() -> None:
-        client = MlflowClient(tracking_uri)
-        while not stop.wait(every_s):
-            try:
-                history = client.get_metric_history(run_id, "loss")
-            except Exception:  # noqa: BLE001 - progress display must never break a run
-                continue
-            if history:
-                latest = max(history, key=lambda m: m.step)
-                if latest.step > progress.done:
-                    progress.set(latest.step, loss=latest.value)
+    def read() -> tuple[int, dict[str, float]] | None:
+        history = client.get_metric_history(run_id, "loss")
+        if not history:
+            return None
+        latest = max(history, key=lambda m: m.step)
+        return latest.step, {"loss": latest.value}
 
-    thread = threading.Thread(target=poll, name="ecar-train-progress", daemon=True)
-    thread.start()
-    try:
+    with _polled(total_steps, desc, "steps", read, every_s):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=every_s + 5)
-        progress.close()
 
 
 class _Board:
@@ -136,28 +155,9 @@ def worker_progress(total_steps: int, desc: str, unit: str = "steps", every_s: f
     import ray
 
     board = ray.remote(num_cpus=0)(_Board).remote()
-    stop = threading.Event()
-    progress = Progress(total_steps, desc, unit)
-
-    def poll() -> None:
-        while not stop.wait(every_s):
-            try:
-                step, metrics = ray.get(board.read.remote(), timeout=every_s)
-            except Exception:  # noqa: BLE001 - progress display must never break a run
-                continue
-            if step > progress.done:
-                progress.set(step, **metrics)
-
-    thread = threading.Thread(target=poll, name=f"ecar-progress-{desc}", daemon=True)
-    thread.start()
     try:
-        yield board
+        with _polled(total_steps, desc, unit, lambda: ray.get(board.read.remote(), timeout=10), every_s):
+            yield board
     finally:
-        stop.set()
-        thread.join(timeout=every_s + 5)
-        with contextlib.suppress(Exception):  # the final count, read once more
-            step, metrics = ray.get(board.read.remote(), timeout=10)
-            if step > progress.done:
-                progress.set(step, **metrics)
+        with contextlib.suppress(Exception):
             ray.kill(board)
-        progress.close()
