@@ -20,7 +20,6 @@ from torch import nn
 from ecar.evaluation.fid import rgb_batches
 
 INPUT_SIZE = 224  # EfficientNet-Lite0's training resolution
-NUM_CLASSES = 1000
 
 
 def efficientnet_lite0() -> nn.Module:

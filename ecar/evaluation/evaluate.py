@@ -126,6 +126,23 @@ def sampling_cost(config: Config) -> dict[str, float]:
     return cost
 
 
+def score_images(images_NCHW: torch.Tensor, manifest_uri: str, split: str, reference_images: int, config: Config,
+                 model: torch.nn.Module, latency_batches: tuple[int, ...]) -> dict[str, Any]:
+    """Quality of generated images in [-1, 1] against the first `reference_images` real images
+    of `split` (FID, precision/recall, classifier score), and the cost of sampling them with
+    `config` (FLOPs; latency of `model` at `latency_batches`, when given)."""
+    real = reference_features(manifest_uri, split, reference_images, config)
+    metrics: dict[str, Any] = quality_metrics(real, inception_features(images_NCHW, device=device_name()))
+    metrics.update(classifier_metrics(reference_probabilities(manifest_uri, split, reference_images, config),
+                                      classifier_probabilities(images_NCHW, device=device_name())))
+    metrics.update(sampling_cost(config))
+    if latency_batches:
+        metrics.update(sampling_latency(model, config, latency_batches))
+    metrics.update({"reference_split": split, "steps_per_stage": list(config.flow.steps_per_stage),
+                    "cfg_scale": config.sampling.cfg_scale, "device": device_name()})
+    return metrics
+
+
 def evaluate_samples(
     samples_uri: str,
     manifest_uri: str = "",
@@ -141,21 +158,10 @@ def evaluate_samples(
                          "so there was no tokenizer to decode them)")
     exported = load_exported(samples_manifest["checkpoint_uri"], device_name())
     config = sampling_config(exported.config, samples_manifest["overrides"])
-    samples = read_samples(samples_uri, "images")
-    fake_images = images_to_unit(samples["images"])
-    fake = inception_features(fake_images, device=device_name())
-    count = reference_images or len(fake)
-    manifest_uri = manifest_uri or exported.manifest_uri
-    real = reference_features(manifest_uri, split, count, config)
-    metrics: dict[str, Any] = quality_metrics(real, fake)
-    metrics.update(classifier_metrics(reference_probabilities(manifest_uri, split, count, config),
-                                      classifier_probabilities(fake_images, device=device_name())))
-    metrics.update(sampling_cost(config))
-    if latency_batches:
-        metrics.update(sampling_latency(exported.model, config, latency_batches))
-    metrics.update({"checkpoint_uri": samples_manifest["checkpoint_uri"], "samples_uri": samples_uri,
-                    "reference_split": split, "steps_per_stage": list(config.flow.steps_per_stage),
-                    "cfg_scale": config.sampling.cfg_scale, "device": device_name()})
+    images = images_to_unit(read_samples(samples_uri, "images")["images"])
+    metrics = score_images(images, manifest_uri or exported.manifest_uri, split, reference_images or len(images),
+                           config, exported.model, latency_batches)
+    metrics.update({"checkpoint_uri": samples_manifest["checkpoint_uri"], "samples_uri": samples_uri})
     return metrics
 
 
@@ -179,18 +185,9 @@ def evaluate_checkpoint(
     config = sampler.config
     rows = shard_rows(Shard(0, num_images), None, config.model.num_classes, config.sampling.seed)
     images = images_to_unit(sampler.generate(rows)["images"])
-    fake = inception_features(images, device=device_name())
-    manifest_uri = sampler.exported.manifest_uri
-    real = reference_features(manifest_uri, split, num_images, config)
-    metrics: dict[str, Any] = quality_metrics(real, fake)
-    metrics.update(classifier_metrics(reference_probabilities(manifest_uri, split, num_images, config),
-                                      classifier_probabilities(images, device=device_name())))
-    metrics.update(sampling_cost(config))
-    if latency_batches:
-        metrics.update(sampling_latency(sampler.exported.model, config, latency_batches))
-    metrics.update({"checkpoint_uri": checkpoint_uri, "samples_uri": "", "reference_split": split,
-                    "steps_per_stage": list(config.flow.steps_per_stage), "cfg_scale": config.sampling.cfg_scale,
-                    "device": device_name()})
+    metrics = score_images(images, sampler.exported.manifest_uri, split, num_images, config, sampler.exported.model,
+                           latency_batches)
+    metrics.update({"checkpoint_uri": checkpoint_uri, "samples_uri": ""})
     return metrics
 
 
