@@ -141,9 +141,10 @@ def renoise_coefficients(previous_end: float, next_start: float, factor: int) ->
     a M and block-constant noise of std k (1 - b). Block noise of std sigma and correlation rho
     is added so the total has std (1 - a) and zero correlation inside each block, i.e. is the
     i.i.d. training start noise. That is possible exactly when (1 - a) >= factor * k (1 - b),
-    with equality under the re-noise correction for factor 2: then k = (1 + a) / 2,
-    sigma = sqrt(3) (1 - a) / 2 and rho = -1/3. Otherwise the closest feasible noise is used
-    (without the correction: no noise is added and blocks stay correlated).
+    with equality under the re-noise correction (`layout.corrected_start`): then rho is
+    -1 / (factor^2 - 1), for factor 2 k = (1 + a) / 2, sigma = sqrt(3) (1 - a) / 2 and
+    rho = -1/3. Otherwise the closest feasible noise is used (without the correction: no noise
+    is added and blocks stay correlated).
     """
     a, b = next_start, previous_end
     if not 0.0 < b <= 1.0:
@@ -174,6 +175,12 @@ def upsample_and_renoise(
         return k * up
     noise = block_noise(tuple(up.shape), factor, rho, generator, up.device, up.dtype)
     return k * up + sigma * noise
+
+
+def start_noise(start_state_BCHW: torch.Tensor, previous_BCHW: torch.Tensor, start: float) -> torch.Tensor:
+    """The noise n of a start state a * Up(M_{s-1}) + (1 - a) * n, given M_{s-1} at its own grid."""
+    previous_up = upsample(previous_BCHW, start_state_BCHW.shape[-1])
+    return (start_state_BCHW - start * previous_up) / (1.0 - start)
 
 
 def euler_step(x_BCHW: torch.Tensor, velocity_BCHW: torch.Tensor, dtau: float) -> torch.Tensor:

@@ -14,15 +14,28 @@ import torch
 from ecar.config import Config
 
 
+def corrected_start(previous_end: float, factor: int) -> float:
+    """The next stage's start a for a previous end b and grid ratio f: a = b / (f - (f - 1) b).
+
+    Nearest up-sampling by f copies the end state's noise (std k (1 - b), k = a / b) into every
+    cell of an f x f block; added block noise can cancel that correlation only while
+    f k (1 - b) <= 1 - a (its most negative correlation is -1 / (f^2 - 1)). This start meets it
+    with equality, so no signal time is wasted on extra noise.
+    """
+    return previous_end / (factor - (factor - 1) * previous_end)
+
+
 @dataclass(frozen=True)
 class StageLayout:
     """Geometry of S stages over a latent of side `grids[-1]`, tokenised in `patch_size` patches.
 
     Windows are in signal time t (0 = noise, 1 = data): stage s owns [starts[s], ends[s]].
     Ends are the split points (even by default, or `window_edges`); with `renoise_correction`
-    each next start is moved to a_{s+1} = b_s / (2 - b_s), the inverse of Pyramidal Flow's
-    b_s = 2 a_{s+1} / (1 + a_{s+1}), so that up-sampling plus block-noise re-noising of a stage's
-    end state is exactly the next stage's training start distribution.
+    each next start is moved to a_{s+1} = b_s / (f - (f - 1) b_s), f the grid ratio between the
+    two stages: the latest start from which up-sampling plus block-noise re-noising of a stage's
+    end state is exactly the next stage's training start distribution (i.i.d. noise of std
+    1 - a; see `flow.renoise_coefficients`). For f = 2 it is b / (2 - b), the inverse of
+    Pyramidal Flow's b = 2a / (1 + a).
     """
 
     grids: tuple[int, ...]
@@ -97,8 +110,9 @@ class StageLayout:
         if self.full_window:
             return (0.0,) * self.num_stages
         starts = [0.0]
-        for end in self.ends[:-1]:
-            starts.append(end / (2.0 - end) if self.renoise_correction else end)
+        for s, end in enumerate(self.ends[:-1]):
+            factor = self.grids[s + 1] // self.grids[s]
+            starts.append(corrected_start(end, factor) if self.renoise_correction else end)
         return tuple(starts)
 
     @property
