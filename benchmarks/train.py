@@ -13,7 +13,12 @@ streaming latent reader + MLflow), written to benchmarks/results/train.json.
    resident memory during training steps (gradients and activations included, allocator
    slack too), which is what a machine must have.
 
+3. Threads: at one global batch (64, as the headline experiment), 1 worker x 2 torch threads
+   against 2 workers x 1 thread (ZeRO-2), on real latents when `--manifest` names them:
+   seconds per optimizer step, measured alternately (A B A B) so load drifts hit both.
+
     python benchmarks/train.py [throughput] [memory]     # both: ~10 minutes on 2 cores
+    python benchmarks/train.py threads --manifest outputs/headline/latents
 """
 
 from __future__ import annotations
@@ -81,6 +86,40 @@ def throughput(manifest: str, root: Path, tracking: str, client) -> list[dict]:
     return rows
 
 
+THREAD_SETTINGS = {  # name -> overrides; both ask Ray for 0.5 CPU per worker, leaving room for reads
+    "1 worker x 2 threads": ["train.num_workers=1", "train.torch_threads=2", "train.micro_batch_size=64"],
+    "2 workers x 1 thread": ["train.num_workers=2", "train.torch_threads=1", "train.micro_batch_size=32"],
+}
+
+
+def threads(manifest: str, root: Path, tracking: str, client, steps: int = 30, repeats: int = 2) -> dict:
+    """Seconds per optimizer step of ecar-fmnist at global batch 64 for each THREAD_SETTINGS entry."""
+    per_setting: dict[str, list[float]] = {name: [] for name in THREAD_SETTINGS}
+    for repeat in range(repeats):
+        for index, (name, overrides) in enumerate(THREAD_SETTINGS.items()):
+            common = ["train.cpus_per_worker=0.5", "train.zero_stage=2", "train.global_batch_size=64",
+                      f"train.steps={steps}", "train.log_every=5", "train.sample_every=100000",
+                      "train.checkpoint_every=100000", "train.val_rows=0"]
+            run_name = f"threads-{index}-{repeat}"
+            config, result, seconds = _fit("ecar-fmnist", common + overrides, manifest, root, run_name, tracking)
+            workers = config.train.num_workers
+            samples = _metric_windows(client, result.mlflow_run_id, "samples_per_s_per_worker")[1:]
+            step_s = [config.train.global_batch_size / (rate * workers) for rate in samples]
+            per_setting[name].extend(step_s)
+            print(json.dumps({"setting": name, "repeat": repeat, "s_per_step": statistics.median(step_s),
+                              "fit_wall_s": seconds}), flush=True)
+            shutil.rmtree(root / "out" / "runs" / run_name, ignore_errors=True)
+    rows = [{"setting": name, "overrides": THREAD_SETTINGS[name], "s_per_step_median": statistics.median(values),
+             "s_per_step_min": min(values), "s_per_step_max": max(values), "windows": len(values)}
+            for name, values in per_setting.items()]
+    fastest = min(rows, key=lambda row: row["s_per_step_median"])
+    slowest = max(rows, key=lambda row: row["s_per_step_median"])
+    return {"preset": "ecar-fmnist", "global_batch_size": 64, "zero_stage": 2, "steps_per_run": steps,
+            "data": manifest, "rows": rows, "faster": fastest["setting"],
+            "speedup": slowest["s_per_step_median"] / fastest["s_per_step_median"],
+            "note": "5-step windows after the first (warm-up) of every run; runs alternate between settings"}
+
+
 def expected_model_state_mib(params: int, stage: int, workers: int) -> float:
     """MiB per worker held between steps (module docstring), by ZeRO stage."""
     psi, n = params, workers
@@ -121,6 +160,8 @@ def memory(manifest: str, root: Path, tracking: str, client) -> dict:
 
 
 def main() -> int:
+    import argparse
+
     import mlflow
 
     from ecar.runtime import init_ray
@@ -134,7 +175,12 @@ def main() -> int:
         imagenet = write_synthetic_latents(str(root / "latents-b"), rows=64, shape=(16, 16, 16), shards=2)
         init_ray(num_cpus=2)
         started = time.perf_counter()
-        parts = sys.argv[1:] or ["throughput", "memory"]  # re-measure one part, keep the other
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("parts", nargs="*", choices=["throughput", "memory", "threads"],
+                            help="what to (re-)measure; the others keep their recorded figures")
+        parser.add_argument("--manifest", help="real latents for the threads part (default: synthetic)")
+        args = parser.parse_args()
+        parts = args.parts or ["throughput", "memory"]
         report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         report.update({
             "what": __doc__.split("\n\n")[0],
@@ -145,6 +191,8 @@ def main() -> int:
         })
         if "throughput" in parts:
             report["throughput"] = throughput(fmnist, root, tracking, client)
+        if "threads" in parts:
+            report["threads"] = threads(args.manifest or fmnist, root, tracking, client)
         if "memory" in parts:
             report["memory"] = memory(imagenet, root, tracking, client)
             report["memory"]["note"] = MEMORY_NOTE

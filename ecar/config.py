@@ -104,6 +104,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     num_workers: int = 2
     cpus_per_worker: float = 1.0
+    # torch threads per worker; 0 = one per whole CPU the worker asks for (Ray's default, at
+    # least 1). More threads than CPUs asked for lets one worker use cores that Ray keeps free
+    # for the data reads, which on a small machine can be faster than a second worker.
+    torch_threads: int = 0
     use_gpu: bool = False
     log_every: int = 50
     sample_every: int = 2000
@@ -426,6 +430,7 @@ def validate(config: Config) -> None:
         f"num_workers ({train.num_workers}) x a whole number of accumulation steps",
     )
     _check(train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
+    _check(train.torch_threads >= 0, "train.torch_threads", "must be 0 (Ray's default) or positive")
     for key in ("log_every", "sample_every", "checkpoint_every", "num_to_keep"):
         _check(getattr(train, key) >= 1, f"train.{key}", "must be at least 1")
     _check(train.eval_every >= 0, "train.eval_every", "must be 0 (with checkpoints only) or positive")

@@ -63,6 +63,8 @@ def train_worker(arguments: dict[str, Any]) -> None:
     from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
+    if config.train.torch_threads:
+        torch.set_num_threads(config.train.torch_threads)
     source = LatentSource(**{**arguments["source"], "latent_shape": tuple(arguments["source"]["latent_shape"]),
                              "class_names": tuple(arguments["source"]["class_names"])})
     context = ray.train.get_context()
