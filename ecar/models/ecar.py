@@ -85,22 +85,42 @@ class ECAR(ClassConditional):
     def loss(
         self, latents_BCHW: torch.Tensor, labels_B: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """{"loss": weighted mean over stages, "loss_stage{s}": each stage's velocity MSE}."""
+        """{"loss": weighted mean over stages, "loss_stage{s}": each stage's velocity MSE}.
+
+        The AR sees at each stage what it sees at sampling: the clean map M_{s-1} (teacher
+        forcing; `ar_next_input="clean_estimate"`, which the sampler approximates by the
+        recovered clean estimate), or the previous stage's noisy end state (`"noisy_end"`). In
+        the latter case the next stage also starts from that same end state, up-sampled and
+        re-noised as the sampler does, so the AR's input and the flow's start share their noise
+        exactly as they do at sampling.
+        """
         layout = self.layout
         maps = flow.token_maps(latents_BCHW, layout.grids)
-        conditions = self.ar(self.drop_labels(labels_B, generator), maps)
+        labels = self.drop_labels(labels_B, generator)
         batch = latents_BCHW.shape[0]
+        chained = self.config.model.ar_next_input == "noisy_end"
+        starts, ends, taus = [], [], []
+        for s, (start, end) in enumerate(layout.windows):
+            if chained and s > 0 and start > 0.0:
+                start_state = flow.upsample_and_renoise(ends[-1], layout.grids[s], layout.ends[s - 1], start,
+                                                        generator)
+                noise = flow.start_noise(start_state, maps[s - 1], start)
+                end_state = end * maps[s] + (1.0 - end) * noise
+            else:
+                noise = flow.gaussian(tuple(maps[s].shape), generator, latents_BCHW.device, latents_BCHW.dtype)
+                previous = maps[s - 1] if s > 0 else None
+                start_state, end_state = flow.stage_endpoints(maps[s], previous, noise, start, end)
+            starts.append(start_state)
+            ends.append(end_state)
+            taus.append(self.sample_tau(batch, latents_BCHW.device, generator))
+        conditions = self.ar(labels, ends if chained else maps)
         stage_losses = []
         for s, (start, end) in enumerate(layout.windows):
-            noise = flow.gaussian(tuple(maps[s].shape), generator, latents_BCHW.device, latents_BCHW.dtype)
-            previous = maps[s - 1] if s > 0 else None
-            start_state, end_state = flow.stage_endpoints(maps[s], previous, noise, start, end)
-            tau = self.sample_tau(batch, latents_BCHW.device, generator)
-            x = flow.interpolate(start_state, end_state, tau)
-            t = flow.global_time(tau, start, end).to(x.dtype)
+            x = flow.interpolate(starts[s], ends[s], taus[s])
+            t = flow.global_time(taus[s], start, end).to(x.dtype)
             condition = self.flow.prepare_condition(conditions[:, layout.stage_slice(s)])
             velocity = self.stage_velocity(s, x, t, condition)
-            stage_losses.append(F.mse_loss(velocity, flow.velocity_target(start_state, end_state)))
+            stage_losses.append(F.mse_loss(velocity, flow.velocity_target(starts[s], ends[s])))
         return self.weighted_total(stage_losses)
 
     @torch.no_grad()

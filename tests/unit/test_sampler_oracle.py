@@ -245,3 +245,58 @@ def test_sampler_starts_every_stage_from_the_training_start_distribution(grids, 
         for i, j in pairs:
             rho = torch.corrcoef(torch.stack([cells[..., i].flatten(), cells[..., j].flatten()]))[0, 1]
             assert abs(rho.item()) < 0.03, f"stage {s}: cells {i},{j} of a {factor}x{factor} block correlate {rho:.3f}"
+
+
+# ----- training sees what sampling sees ------------------------------------------------------
+class RecordingAR(torch.nn.Module):
+    """Records the maps the teacher-forced AR pass is given; returns a zero condition."""
+
+    def __init__(self, layout: StageLayout, width: int) -> None:
+        super().__init__()
+        self.layout, self.width, self.maps = layout, width, []
+
+    def forward(self, labels_B, maps, num_stages=None):
+        self.maps = [m.clone() for m in maps]
+        return torch.zeros(labels_B.shape[0], self.layout.total_tokens, self.width, dtype=maps[0].dtype)
+
+
+def start_statistics(start_BCHW, ar_input_BCHW):
+    """(std of the start state, regression slope of the start state on the up-sampled AR input)."""
+    up = flow.upsample(ar_input_BCHW, start_BCHW.shape[-1])
+    slope = (start_BCHW * up).mean() / (up * up).mean()
+    return start_BCHW.std().item(), slope.item()
+
+
+def test_noisy_end_training_pairs_ar_input_and_next_start_as_sampling_does():
+    """Under `ar_next_input=noisy_end` the AR's input and the next stage's start share their noise
+    in training exactly as they do at sampling (zero-signal data, so both are pure noise)."""
+    model = build(["model.ar_next_input=noisy_end", "flow.steps_per_stage=[2,2,2]"])
+    batch, channels, size = 2048, 4, model.config.model.latent_size
+    # training: tau = 0 makes the flow's input the start state itself
+    recorder = RecordingAR(model.layout, model.config.model.width)
+    model.ar = recorder
+    starts: dict[int, torch.Tensor] = {}
+
+    def record_start(stage, x_BCHW, t_B, condition):
+        starts[stage] = x_BCHW.clone()
+        return torch.zeros_like(x_BCHW)
+
+    model.stage_velocity = record_start
+    model.sample_tau = lambda n, device, generator: torch.zeros(n, dtype=torch.float64)
+    model.train()
+    model.loss(torch.zeros(batch, channels, size, size, dtype=torch.float64), torch.zeros(batch, dtype=torch.long),
+               torch.Generator().manual_seed(0))
+    training = [start_statistics(starts[s], recorder.maps[s - 1]) for s in (1, 2)]
+    # sampling: the zero-signal oracle through the real stage iteration
+    sampler = build(["model.ar_next_input=noisy_end", "flow.steps_per_stage=[2,2,2]"])
+    oracle = Oracle(sampler, torch.zeros(1, channels, size, size, dtype=torch.float64))
+    run_stages(sampler, batch=batch, seed=1)
+    firsts = {s: next(x for stage, x, _ in oracle.calls if stage == s) for s in (1, 2)}
+    sampling = [start_statistics(firsts[s], sampler.ar.inputs[s - 1]) for s in (1, 2)]
+    for s, ((train_std, train_slope), (sample_std, sample_slope)) in enumerate(zip(training, sampling), start=1):
+        assert train_std == pytest.approx(1.0 - model.layout.starts[s], rel=0.01)
+        assert train_std == pytest.approx(sample_std, rel=0.01)
+        assert train_slope == pytest.approx(sample_slope, abs=0.01)
+        assert train_slope > 0.2  # the AR input and the start really share noise
+    # and the AR was given the previous stage's noisy end state, not the clean map (here zero)
+    assert all(m.std() > 0.1 for m in recorder.maps[:-1])
