@@ -39,9 +39,12 @@ class ModelConfig:
     flow_depth: int = 6  # E-CAR: the shared flow transformer; DiT: the whole network
     # How the AR condition z_s enters the flow transformer (FlowAR's ablation favours spatial adaLN).
     condition_injection: Literal["spatial_adaln", "additive", "cross_attention"] = "spatial_adaln"
-    # What the AR sees of the previous stage at sampling: the clean estimate of M_{s-1}
-    # recovered from the flow's final state and velocity, or that noisy end state itself.
-    ar_next_input: Literal["clean_estimate", "noisy_end"] = "clean_estimate"
+    # What the AR sees of the previous stage. "noisy_end": the stage's noisy end state, in
+    # training and at sampling alike (the next stage starts from that same state, re-noised).
+    # "clean_estimate": teacher-forced on the clean map M_{s-1} in training, and at sampling on
+    # the clean estimate recovered from the flow's end state and velocity, a posterior mean
+    # the AR never saw in training (see benchmarks/results/diversity.md).
+    ar_next_input: Literal["clean_estimate", "noisy_end"] = "noisy_end"
     class_dropout: float = 0.1
 
 

@@ -126,7 +126,8 @@ def run_stages(model, batch=3, cfg=1.0, use_cache=True, seed=5):
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_oracle_sampling_returns_the_data_point_and_exact_clean_maps(stages, correction, use_cache):
-    model = build(stage_overrides(stages) + [f"stages.renoise_correction={str(correction).lower()}"])
+    model = build(stage_overrides(stages) + [f"stages.renoise_correction={str(correction).lower()}",
+                                             "model.ar_next_input=clean_estimate"])
     target = point(1)
     oracle = Oracle(model, target)
     results = run_stages(model, use_cache=use_cache)
@@ -179,7 +180,7 @@ def test_oracle_flow_dit_returns_the_data_point(steps):
 @pytest.mark.parametrize("scale", [1.5, 3.0])
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_oracle_cfg_follows_the_guided_combination_of_two_points(stages, scale):
-    model = build(stage_overrides(stages))
+    model = build(stage_overrides(stages) + ["model.ar_next_input=clean_estimate"])
     conditional, unconditional = point(10), point(11)
     Oracle(model, conditional, unconditional)
     results = run_stages(model, batch=2, cfg=scale)
@@ -208,7 +209,7 @@ def test_oracle_guidance_interval_guides_only_inside_it():
     """Guidance on in stage 3's window only: stages 1-2 follow the class alone, so the final stage
     (which ends at the data, from any start) lands on the guided point, and the clean estimate of
     stage 1 is the conditional point's map."""
-    model = build(stage_overrides(3) + ["sampling.guidance_interval=[0.5,1.0]"])
+    model = build(stage_overrides(3) + ["model.ar_next_input=clean_estimate"])
     conditional, unconditional = point(14), point(15)
     Oracle(model, conditional, unconditional)
     labels = torch.tensor([1, 2])
