@@ -1,23 +1,31 @@
 """The headline experiment: E-CAR vs a flow-DiT of matched parameter count on Fashion-MNIST latents.
 
-Three models are trained with one budget (same steps, batch, optimizer, learning rate, EMA):
-E-CAR (`ecar-fmnist`), its full-window FlowAR-like ablation (`stages.full_window=true`, which
-changes the training windows, so it is a model of its own) and a flow-DiT (`dit-fmnist`, its
-depth set so that its parameter count is the closest to E-CAR's). Each variant draws the same
-rows (class-balanced labels, per-row seeds) and is judged against the same number of test
-images: FID, precision/recall, GFLOPs and CPU latency per image, for E-CAR and the full window
-at their default schedule and the DiT at 250, 100, 50 and 25 Euler steps.
+Models, all trained with one budget (same steps, batch, optimizer, learning-rate schedule, EMA,
+data and seed): E-CAR (`ecar-fmnist` as preset), its full-window FlowAR-like ablation
+(`stages.full_window=true`), E-CAR with the AR fed the clean estimate (`model.ar_next_input=
+clean_estimate`, the design before issue 17, for the diversity comparison) and a flow-DiT
+(`dit-fmnist` with the depth whose parameter count is the closest to E-CAR's).
+
+Rows (variants), each sampled on the same (class, seed) rows and judged against the same N test
+images: E-CAR at its default schedule and cheaper ones, the full window and the clean-estimate
+model at default, the flow-DiT at 100, 50, 25 and 10 Euler steps and at the step count whose
+FLOPs equal E-CAR's default (cost-matched); flow-DiT@250 for FLOPs and latency (FID with
+`--dit-250`). Noise figures: FID of N real train images against the N test images (the floor),
+of the tokenizer's reconstructions of those train images (the floor through this tokenizer:
+what a model that generates the training latents exactly would score), and between two
+sampling seeds of E-CAR's default and of the best flow-DiT row (seed noise; a difference below
+it is a tie).
 
     python benchmarks/headline.py                          # everything, outputs/headline -> benchmarks/results
     python benchmarks/headline.py --parts data train       # only some parts; re-run to continue
-    python benchmarks/headline.py --manifest outputs/quickstart/latents --parts train sample evaluate report
-    python benchmarks/headline.py --variants ecar dit@250  # only some variants (and their models)
+    python benchmarks/headline.py --variants ecar dit@50   # only some variants (and their models)
     python benchmarks/headline.py --scale tiny --root /tmp/headline-tiny   # smoke test, results under the root
 
-Parts: data (images, tokenizer, latents), train, sample, evaluate, report. Each skips what is
-finished (the model's export.json, the variant's samples manifest.json, its metrics JSON), so a
-killed run re-run completes exactly the rest. FID over a few thousand images is biased upwards
-against FID-50k: compare only numbers measured with the same N (recorded in every output).
+Parts: data (images, tokenizer, latents), train, sample, evaluate (with the floors and the seed
+rows), report. Each skips what is finished (the model's export.json, the variant's samples
+manifest.json, its metrics JSON), and training resumes from its latest checkpoint, so a killed
+run re-run completes exactly the rest. FID over a few thousand images is biased upwards against
+FID-50k: compare only numbers measured with the same N (recorded in every output).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ PARTS = ("data", "train", "sample", "evaluate", "report")
 # Targets of the issue: E-CAR's FID within 10% of the best DiT FID, at >= 10x fewer FLOPs and
 # >= 5x lower latency than the DiT setting reaching that FID.
 FID_TOLERANCE, FLOPS_TARGET, LATENCY_TARGET = 1.10, 10.0, 5.0
+SEED_ROW_SEED = 1  # sampling.seed of the second-seed rows (the first rows use 0)
 
 
 @dataclass(frozen=True)
@@ -56,39 +65,62 @@ class Scale:
     images_per_split: int | None  # None: the whole data set
     tokenizer_steps: int
     train_steps: int
+    batch_size: int  # global
     ema_decay: float
     samples: int
     dit_steps: tuple[int, ...]
     latency_batches: tuple[int, ...]
+    workers: int  # training workers (ZeRO-2 data parallel)
+    torch_threads: int  # per worker
 
 
 SCALES = {
-    "full": Scale(images_per_split=None, tokenizer_steps=600, train_steps=2000, ema_decay=0.999, samples=5000,
-                  dit_steps=(250, 100, 50, 25), latency_batches=(1, 16)),
-    "tiny": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, ema_decay=0.99, samples=32,
-                  dit_steps=(4, 2), latency_batches=(1,)),
+    # Chosen from measurements on this 2-core machine: see benchmarks/results/headline.md.
+    "full": Scale(images_per_split=None, tokenizer_steps=600, train_steps=2000, batch_size=32, ema_decay=0.998,
+                  samples=2000, dit_steps=(100, 50, 25, 10), latency_batches=(1, 16), workers=2, torch_threads=1),
+    "tiny": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, batch_size=16, ema_decay=0.99, samples=32,
+                  dit_steps=(4, 2), latency_batches=(1,), workers=2, torch_threads=1),
 }
 
-# trained model -> (preset, the overrides that define its family)
+# trained model -> (preset, the overrides that define it)
+# (in training order: the main comparison first)
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "ecar": ("ecar-fmnist", {}),
-    "ecar-full": ("ecar-fmnist", {"stages.full_window": True}),
     "dit": ("dit-fmnist", {}),
+    "ecar-clean": ("ecar-fmnist", {"model.ar_next_input": "clean_estimate"}),
+    "ecar-full": ("ecar-fmnist", {"stages.full_window": True}),
 }
+ECAR_SCHEDULES = ((6, 4, 2), (4, 4, 4), (2, 2, 2))  # cheaper than the default 10 + 10 + 10
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the table: a trained model sampled with a schedule."""
+    """One row of the table: a trained model sampled with a schedule (and a sampling seed)."""
 
     name: str
     model: str
     overrides: tuple[str, ...] = ()
+    sample: bool = True  # False: FLOPs and latency only (no samples, no FID)
 
 
-def all_variants(dit_steps: tuple[int, ...]) -> list[Variant]:
-    dits = [Variant(f"dit@{steps}", "dit", (f"flow.steps_per_stage=[{steps}]",)) for steps in dit_steps]
-    return [Variant("ecar", "ecar"), Variant("ecar-full", "ecar-full"), *dits]
+def steps_variant(model: str, steps: tuple[int, ...], name: str = "") -> Variant:
+    label = "-".join(map(str, steps))
+    return Variant(name or f"{model}@{label}", model, (f"flow.steps_per_stage={list(steps)}",))
+
+
+def seed_variant(variant: Variant) -> Variant:
+    return Variant(f"{variant.name}/seed{SEED_ROW_SEED}", variant.model,
+                   (*variant.overrides, f"sampling.seed={SEED_ROW_SEED}"))
+
+
+def all_variants(scale: Scale, dit_matched_steps: int, dit_250: bool = False) -> list[Variant]:
+    ecar = [Variant("ecar", "ecar"), *(steps_variant("ecar", s) for s in ECAR_SCHEDULES if scale.dit_steps[0] > 4)]
+    others = [Variant("ecar-full", "ecar-full"), Variant("ecar-clean", "ecar-clean")]
+    dit_steps = sorted({*scale.dit_steps, dit_matched_steps}, reverse=True)
+    dits = [steps_variant("dit", (steps,), f"dit@{steps}") for steps in dit_steps]
+    if scale.dit_steps[0] > 4:
+        dits.insert(0, Variant("dit@250", "dit", ("flow.steps_per_stage=[250]",), sample=dit_250))
+    return [*ecar, *others, *dits]
 
 
 @dataclass(frozen=True)
@@ -109,16 +141,15 @@ class Paths:
         return export_uri(get_config("ecar-fmnist", {"storage.root": self.root}), model)
 
     def samples(self, variant: str) -> str:
-        return storage.join(self.root, "samples", variant)
+        return storage.join(self.root, "samples", variant.replace("/", "-"))
 
     def metrics(self, variant: str) -> str:
-        return storage.join(self.root, "metrics", f"{variant}.json")
+        return storage.join(self.root, "metrics", f"{variant.replace('/', '-')}.json")
 
 
 # ----- configs: one budget for every model ------------------------------------------------------
 def budget(paths: Paths, scale: Scale) -> dict[str, Any]:
-    """Settings shared by every model: data, tokenizer, storage and the training budget (a
-    2-worker DeepSpeed run that fits on 2 cores, as in jobs/quickstart.py)."""
+    """Settings shared by every model: data, tokenizer, storage and the training budget."""
     steps = scale.train_steps
     return {
         "storage.root": paths.root,
@@ -130,19 +161,23 @@ def budget(paths: Paths, scale: Scale) -> dict[str, Any]:
         "tokenizer.fid_images": 200 if scale.images_per_split is None else 16,
         "tokenizer.cpus_per_worker": 1.0,
         "train.steps": steps,
-        "train.num_workers": 2,
+        "train.num_workers": scale.workers,
+        "train.torch_threads": scale.torch_threads,
         "train.cpus_per_worker": 0.5,
-        "train.global_batch_size": 64,
-        "train.micro_batch_size": 32,
-        "train.warmup_steps": max(1, steps // 10),
+        "train.global_batch_size": scale.batch_size,
+        "train.micro_batch_size": scale.batch_size // scale.workers,
+        "train.warmup_steps": max(1, steps // 15),
         "train.lr": 1e-3,
+        "train.min_lr": 1e-5,
         "train.ema_decay": scale.ema_decay,
-        "train.log_every": max(1, steps // 20),
-        "train.sample_every": max(2, steps // 2),
-        "train.checkpoint_every": max(2, steps // 4),
+        "train.log_every": max(1, steps // 50),
+        "train.eval_every": max(1, steps // 15),
+        "train.val_rows": 512 if scale.images_per_split is None else 32,
+        "train.sample_every": max(2, steps // 3),
+        # at ~1.4 s per step: a checkpoint every ~6 minutes
+        "train.checkpoint_every": max(2, min(250, steps // 4)),
         "train.zero_stage": 2,
     }
-
 
 def parameter_count(config: Config) -> int:
     import torch
@@ -202,8 +237,7 @@ def sample_variants(variants: list[Variant], paths: Paths, num_images: int, acto
 
     for variant in variants:
         out = paths.samples(variant.name)
-        if storage.exists(storage.join(out, "manifest.json")):
-            log.info("sample %s: done already at %s", variant.name, out)
+        if not variant.sample or storage.exists(storage.join(out, "manifest.json")):
             continue
         log.info("sample %s: %d images with %s", variant.name, num_images, list(variant.overrides) or "the default schedule")
         sample_to_storage(paths.export(variant.model), out, num_images, overrides=list(variant.overrides),
@@ -211,27 +245,144 @@ def sample_variants(variants: list[Variant], paths: Paths, num_images: int, acto
                           cpus_per_actor=1.0)
 
 
-def evaluate_variants(variants: list[Variant], paths: Paths, num_images: int, latency_batches: tuple[int, ...]) -> None:
-    """Per-variant metrics JSON; FID against the first `num_images` test images for every variant."""
-    from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
-    from ecar.export import read_config, read_metadata
-    from ecar.tracking import resolve_tracking_uri
+def variant_config(variant: Variant, paths: Paths) -> Config:
+    from ecar.export import read_config
+    from ecar.sampler import sampling_config
+
+    return sampling_config(read_config(paths.export(variant.model)), list(variant.overrides))
+
+
+def evaluate_variants(variants: list[Variant], paths: Paths, num_images: int) -> None:
+    """Per-variant metrics JSON: FID, precision/recall and classifier score against the first
+    `num_images` test images, and FLOPs per image (latency is measured side by side later)."""
+    from ecar.evaluation.evaluate import evaluate_samples, sampling_cost
+    from ecar.export import read_metadata
 
     for variant in variants:
         target = paths.metrics(variant.name)
         if storage.exists(target):
-            log.info("evaluate %s: done already (%s)", variant.name, target)
             continue
-        export = paths.export(variant.model)
-        config, metadata = read_config(export), read_metadata(export)
-        metrics = evaluate_samples(paths.samples(variant.name), paths.manifest, "test", num_images, latency_batches)
+        config, metadata = variant_config(variant, paths), read_metadata(paths.export(variant.model))
+        if variant.sample:
+            metrics = evaluate_samples(paths.samples(variant.name), paths.manifest, "test", num_images, ())
+            metrics.update({"samples": num_images, "reference_images": metrics["real_images"]})
+        else:
+            metrics = {**sampling_cost(config), "steps_per_stage": list(config.flow.steps_per_stage),
+                       "cfg_scale": config.sampling.cfg_scale}
         metrics.update({"variant": variant.name, "model": variant.model, "preset": config.preset,
                         "overrides": list(variant.overrides), "params": parameter_count(config),
-                        "train_steps": metadata["step"], "global_batch_size": config.train.global_batch_size,
-                        "samples": num_images, "reference_images": metrics["real_images"]})
-        log_evaluation(metrics, config, resolve_tracking_uri(config), metadata.get("mlflow_run_id", ""))
+                        "train_steps": metadata["step"], "global_batch_size": config.train.global_batch_size})
         storage.write_text_atomic(target, json.dumps(metrics, indent=2))
-        log.info("evaluate %s: FID %.2f, %.3f GFLOPs/image", variant.name, metrics["fid"], metrics["sampling_gflops"])
+        log.info("evaluate %s: FID %s, %.3f GFLOPs/image", variant.name,
+                 f"{metrics['fid']:.2f}" if "fid" in metrics else "-", metrics["sampling_gflops"])
+
+
+def best_dit(variants: list[Variant], paths: Paths) -> Variant | None:
+    scored = [(json.loads(storage.read_text(paths.metrics(v.name)))["fid"], v) for v in variants
+              if v.model == "dit" and v.sample and storage.exists(paths.metrics(v.name))]
+    return min(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: int) -> None:
+    """Second-seed samples of E-CAR's default and the best flow-DiT row, evaluated like the others,
+    plus the FID between the two seeds' sample sets."""
+    from ecar.evaluation.evaluate import images_to_unit
+    from ecar.evaluation.fid import feature_statistics, frechet_distance, inception_features
+    from ecar.sampler import read_samples
+
+    chosen = [v for v in (next((v for v in variants if v.name == "ecar"), None), best_dit(variants, paths)) if v]
+    seeds = [seed_variant(v) for v in chosen]
+    from ecar.runtime import init_ray
+
+    init_ray(None)
+    sample_variants(seeds, paths, num_images, actors)
+    import ray
+
+    ray.shutdown()
+    evaluate_variants(seeds, paths, num_images)
+    for first, second in zip(chosen, seeds):
+        target = paths.metrics(f"{first.name}/between-seeds")
+        if storage.exists(target):
+            continue
+        features = [inception_features(images_to_unit(read_samples(paths.samples(v.name), "images")["images"]))
+                    for v in (first, second)]
+        fid = frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))
+        storage.write_text_atomic(target, json.dumps({"variant": first.name, "fid_between_seeds": fid,
+                                                      "samples": num_images}, indent=2))
+        log.info("seed noise %s: FID between seeds %.2f", first.name, fid)
+
+
+def floors(paths: Paths, num_images: int, config: Config) -> None:
+    """FID (with P/R and classifier score) of N real train images, and of the tokenizer's
+    reconstructions of those images, against the N test images every row is judged by."""
+    import torch
+
+    from ecar.data.prepare import read_image_split
+    from ecar.evaluation.evaluate import (classifier_metrics, device_name, quality_metrics,
+                                          reference_features, reference_probabilities)
+    from ecar.evaluation.classifier import classifier_probabilities
+    from ecar.evaluation.fid import inception_features
+    from ecar.tokenizer import load_tokenizer
+    from ecar.tokenizer.train import reconstruct
+
+    real = reference_features(paths.manifest, "test", num_images, config)
+    real_probabilities = reference_probabilities(paths.manifest, "test", num_images, config)
+    target = paths.metrics("floor-real-train")
+    if not storage.exists(target):
+        metrics = quality_metrics(real, reference_features(paths.manifest, "train", num_images, config))
+        metrics.update(classifier_metrics(real_probabilities,
+                                          reference_probabilities(paths.manifest, "train", num_images, config)))
+        storage.write_text_atomic(target, json.dumps({"variant": "floor-real-train", **metrics}, indent=2))
+        log.info("floor: real train vs test FID %.2f", metrics["fid"])
+    target = paths.metrics("floor-tokenizer")
+    if not storage.exists(target):
+        tokenizer = load_tokenizer(config.override({"tokenizer.checkpoint_uri": paths.tokenizer})).model.eval()
+        with torch.no_grad():
+            images = reconstruct(tokenizer, read_image_split(paths.images, "train", num_images, config))
+        metrics = quality_metrics(real, inception_features(images, device=device_name()))
+        metrics.update(classifier_metrics(real_probabilities, classifier_probabilities(images, device=device_name())))
+        storage.write_text_atomic(target, json.dumps({"variant": "floor-tokenizer", **metrics}, indent=2))
+        log.info("floor: tokenizer reconstructions vs test FID %.2f", metrics["fid"])
+
+
+def measure_latency(variants: list[Variant], paths: Paths, batches: tuple[int, ...], repeats: int = 3) -> None:
+    """CPU seconds per image of generate() for every variant, side by side: the variants take
+    turns within each repeat (A B C, A B C, ...), so a load change on the machine hits all of
+    them; the median of the repeats is written into each variant's metrics."""
+    import statistics
+
+    import torch
+
+    from ecar.export import load_exported
+
+    pending = [v for v in variants if storage.exists(paths.metrics(v.name))
+               and "latency_s_per_image_b1" not in json.loads(storage.read_text(paths.metrics(v.name)))]
+    if not pending:
+        return
+    models = {m: load_exported(paths.export(m), "cpu").model for m in {v.model for v in pending}}
+    configs = {v.name: variant_config(v, paths) for v in pending}
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.no_grad():
+        for variant in pending:  # warm-up
+            config = configs[variant.name]
+            models[variant.model].generate(torch.zeros(1, dtype=torch.long), config.sampling,
+                                           steps_per_stage=config.flow.steps_per_stage)
+        for repeat in range(repeats):
+            for batch in batches:
+                labels = torch.arange(batch) % 10
+                for variant in pending:
+                    config = configs[variant.name]
+                    generator = torch.Generator().manual_seed(repeat)
+                    started = time.perf_counter()
+                    models[variant.model].generate(labels, config.sampling, generator, config.flow.steps_per_stage)
+                    times.setdefault((variant.name, batch), []).append((time.perf_counter() - started) / batch)
+            log.info("latency: repeat %d/%d done", repeat + 1, repeats)
+    for variant in pending:
+        metrics = json.loads(storage.read_text(paths.metrics(variant.name)))
+        for batch in batches:
+            metrics[f"latency_s_per_image_b{batch}"] = statistics.median(times[(variant.name, batch)])
+        metrics["latency_repeats"] = repeats
+        storage.write_text_atomic(paths.metrics(variant.name), json.dumps(metrics, indent=2))
 
 
 # ----- report -----------------------------------------------------------------------------------
@@ -247,13 +398,37 @@ def latency_ratios(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, floa
     return {k.removeprefix("latency_s_per_image_"): slow[k] / fast[k] for k in keys}
 
 
-def comparisons(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """E-CAR against every DiT setting, and the issue's targets against the best-FID DiT setting."""
+def seed_noise(rows: dict[str, dict[str, Any]], noise: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Two measures per model sampled twice: the spread of its FID against the test images
+    between the seeds (the noise of any row's FID, used to call ties), and the FID between the
+    two seeds' sample sets (the floor of FID between identical distributions at this N)."""
+    out: dict[str, Any] = {}
+    for name, row in rows.items():
+        second = rows.get(f"{name}/seed{SEED_ROW_SEED}")
+        if second is None or "fid" not in row:
+            continue
+        out[name] = {"fid_seed0": row["fid"], f"fid_seed{SEED_ROW_SEED}": second["fid"],
+                     "fid_spread": abs(row["fid"] - second["fid"]),
+                     "fid_between_seeds": noise.get(name, {}).get("fid_between_seeds")}
+    out["tie_threshold"] = max((v["fid_spread"] for v in out.values()), default=0.0)
+    return out
+
+
+def verdict(a: float, b: float, threshold: float) -> str:
+    """'better' / 'worse' / 'tie' for FID a against FID b."""
+    if abs(a - b) <= threshold:
+        return "tie"
+    return "better" if a < b else "worse"
+
+
+def comparisons(rows: dict[str, dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """E-CAR against every DiT setting; the issue's targets against the best-FID DiT setting; and
+    at every FLOP budget where both curves have a point, whether E-CAR's is at or below."""
     ecar = rows.get("ecar")
-    dits = {name: row for name, row in rows.items() if row["model"] == "dit"}
+    dits = {name: row for name, row in rows.items() if row["model"] == "dit" and "fid" in row and "/seed" not in name}
     if ecar is None or not dits:
         return {}
-    versus = {name: {"fid_ratio": ecar["fid"] / row["fid"],
+    versus = {name: {"fid_ratio": ecar["fid"] / row["fid"], "verdict": verdict(ecar["fid"], row["fid"], threshold),
                      "flops_ratio": row["sampling_gflops"] / ecar["sampling_gflops"],
                      "latency_ratio": latency_ratios(row, ecar)} for name, row in dits.items()}
     best = min(dits, key=lambda name: dits[name]["fid"])
@@ -261,47 +436,104 @@ def comparisons(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     targets = {
         "against": best, "best_dit_fid": dits[best]["fid"], "ecar_fid": ecar["fid"],
         "fid_within_10pct": ecar["fid"] <= FID_TOLERANCE * dits[best]["fid"],
+        "fid_verdict": target["verdict"],
         "flops_10x": target["flops_ratio"] >= FLOPS_TARGET,
+        "flops_ratio": target["flops_ratio"],
         "latency_5x": {batch: ratio >= LATENCY_TARGET for batch, ratio in target["latency_ratio"].items()},
+        "latency_ratio": target["latency_ratio"],
     }
-    targets["met"] = targets["fid_within_10pct"] and targets["flops_10x"] and all(targets["latency_5x"].values())
-    # also: the cheapest DiT setting at least as good as E-CAR, if any (matched quality)
-    as_good = [name for name, row in dits.items() if row["fid"] <= ecar["fid"]]
+    targets["met"] = (targets["fid_within_10pct"] and targets["flops_10x"] and bool(targets["latency_5x"])
+                      and all(targets["latency_5x"].values()))
+    # the E-CAR curve (default and cheaper schedules) against the DiT curve, by interpolating the
+    # DiT's FID in log-FLOPs at each E-CAR point inside the DiT's FLOP range
+    ecar_curve = sorted(((r["sampling_gflops"], r["fid"], n) for n, r in rows.items()
+                         if r["model"] == "ecar" and "fid" in r and "/seed" not in n))
+    dit_curve = sorted((r["sampling_gflops"], r["fid"]) for r in dits.values())
+    curve = []
+    import math
+
+    for gflops, fid, name in ecar_curve:
+        for (x0, y0), (x1, y1) in zip(dit_curve, dit_curve[1:]):
+            if x0 <= gflops <= x1:
+                w = (math.log(gflops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+                dit_fid = y0 + w * (y1 - y0)
+                curve.append({"variant": name, "gflops": gflops, "ecar_fid": fid, "dit_fid_interpolated": dit_fid,
+                              "verdict": verdict(fid, dit_fid, threshold)})
+    as_good = [name for name, row in dits.items() if row["fid"] <= ecar["fid"] + threshold]
     matched = min(as_good, key=lambda name: dits[name]["sampling_gflops"]) if as_good else None
-    return {"ecar_vs": versus, "targets": targets, "cheapest_dit_as_good_as_ecar": matched}
+    return {"ecar_vs": versus, "targets": targets, "curve": curve,
+            "curve_at_or_below": all(point["verdict"] != "worse" for point in curve) if curve else None,
+            "cheapest_dit_as_good_as_ecar": matched}
 
 
-COLUMNS = [("variant", "{}"), ("steps_per_stage", "{}"), ("params", "{:,}"), ("fid", "{:.2f}"),
-           ("precision", "{:.3f}"), ("recall", "{:.3f}"), ("classifier_score", "{:.2f}"), ("sampling_gflops", "{:.2f}"),
-           ("latency_s_per_image_b1", "{:.4f}"), ("latency_s_per_image_b16", "{:.4f}")]
+COLUMNS = [("variant", "{}"), ("steps_per_stage", "{}"), ("fid", "{:.2f}"), ("precision", "{:.3f}"),
+           ("recall", "{:.3f}"), ("classifier_score", "{:.2f}"), ("sampling_gflops", "{:.2f}"),
+           ("latency_s_per_image_b1", "{:.4f}"), ("latency_s_per_image_b16", "{:.4f}"), ("samples", "{}")]
+FLOOR_NAMES = {"floor-real-train": "real train images", "floor-tokenizer": "tokenizer reconstructions of train images"}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows, compared = result["variants"], result["comparisons"]
+    rows, compared, noise = result["variants"], result["comparisons"], result["seed_noise"]
+    n = result["reference_images"]
     lines = [f"# Headline: E-CAR vs flow-DiT on Fashion-MNIST latents ({result['scale']} scale)", "",
-             f"{result['date']}; {result['train_steps']} training steps at batch {result['global_batch_size']} for every "
-             f"model; {result['samples']} samples per variant; FID against the first {result['reference_images']} "
-             f"test images (FID-{result['reference_images']}, not comparable to FID-50k); "
-             f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}.", "",
+             f"{result['date']}; every model trained {result['train_steps']} steps at batch "
+             f"{result['global_batch_size']} with the same schedule and data; {result['samples']} samples per row "
+             f"(class-balanced, the same (class, seed) rows for every row); FID, precision/recall (k = 3) and "
+             f"classifier score against the first {n} test images (FID-{n}: biased upwards against FID-50k, compare "
+             f"only within this table); CFG 1.5; latency on {result['machine']['cpus']} CPU cores, torch "
+             f"{result['machine']['torch']}, rows measured side by side.", "",
              "| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows.values():
         cells = [fmt.format(row[name]) if name in row else "-" for name, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Noise figures (N = {n} against the same test images):", "",
+              "| reference | FID | precision | recall | classifier score |", "|---|---|---|---|---|"]
+    for name, label in FLOOR_NAMES.items():
+        if name in result["floors"]:
+            f = result["floors"][name]
+            lines.append(f"| {label} (floor) | {f['fid']:.2f} | {f['precision']:.3f} | {f['recall']:.3f} | "
+                         f"{f['classifier_score']:.2f} |")
+    for name, value in noise.items():
+        if name == "tie_threshold":
+            continue
+        between = value["fid_between_seeds"]
+        lines.append(f"| {name}: seed 0 vs seed {SEED_ROW_SEED} | FID vs test {value['fid_seed0']:.2f} / "
+                     f"{value[f'fid_seed{SEED_ROW_SEED}']:.2f} (spread {value['fid_spread']:.2f}); FID between the "
+                     f"two seeds' samples {between:.2f} | | | |" if between is not None else
+                     f"| {name}: seed spread | {value['fid_spread']:.2f} | | | |")
+    lines += ["", f"FID differences of at most {noise.get('tie_threshold', 0.0):.2f} (the larger seed spread) are "
+              "reported as ties."]
     if compared:
-        lines += ["", "E-CAR (default schedule) against each DiT setting (ratios > 1: E-CAR is cheaper):", "",
-                  "| DiT setting | FID E-CAR / DiT | FLOPs DiT / E-CAR | latency DiT / E-CAR |", "|---|---|---|---|"]
+        lines += ["", "E-CAR (default schedule) against each flow-DiT setting (ratios > 1: E-CAR is cheaper):", "",
+                  "| flow-DiT setting | FID E-CAR / DiT | verdict | FLOPs DiT / E-CAR | latency DiT / E-CAR |",
+                  "|---|---|---|---|---|"]
         for name, ratio in compared["ecar_vs"].items():
-            latency = ", ".join(f"{b} {r:.1f}x" for b, r in ratio["latency_ratio"].items())
-            lines.append(f"| {name} | {ratio['fid_ratio']:.2f} | {ratio['flops_ratio']:.1f}x | {latency} |")
+            latency = ", ".join(f"{b} {r:.1f}x" for b, r in ratio["latency_ratio"].items()) or "-"
+            lines.append(f"| {name} | {ratio['fid_ratio']:.2f} | {ratio['verdict']} | {ratio['flops_ratio']:.1f}x | "
+                         f"{latency} |")
         t = compared["targets"]
-        latency_met = ", ".join(f"{b}: {'yes' if ok else 'no'}" for b, ok in t["latency_5x"].items())
-        lines += ["", f"Targets against the best-FID DiT setting ({t['against']}, FID {t['best_dit_fid']:.2f}):",
-                  f"- E-CAR FID {t['ecar_fid']:.2f} within 10%: {'yes' if t['fid_within_10pct'] else 'no'}",
-                  f"- >= 10x fewer FLOPs: {'yes' if t['flops_10x'] else 'no'}",
+        latency_met = ", ".join(f"{b}: {r:.1f}x {'yes' if t['latency_5x'][b] else 'no'}"
+                                for b, r in t["latency_ratio"].items()) or "not measured"
+        lines += ["", f"Targets against the best-FID flow-DiT setting ({t['against']}, FID {t['best_dit_fid']:.2f}):",
+                  f"- E-CAR FID {t['ecar_fid']:.2f} <= 1.10 x {t['best_dit_fid']:.2f}: "
+                  f"{'yes' if t['fid_within_10pct'] else 'no'} (verdict within the seed noise: {t['fid_verdict']})",
+                  f"- >= 10x fewer FLOPs: {t['flops_ratio']:.1f}x, {'yes' if t['flops_10x'] else 'no'}",
                   f"- >= 5x lower latency: {latency_met}",
                   f"- all met: {'yes' if t['met'] else 'no'}",
-                  f"- cheapest DiT setting with FID <= E-CAR's: {compared['cheapest_dit_as_good_as_ecar'] or 'none'}"]
+                  f"- cheapest flow-DiT setting with FID <= E-CAR's (+ noise): "
+                  f"{compared['cheapest_dit_as_good_as_ecar'] or 'none'}"]
+        if compared["curve"]:
+            lines += ["", "E-CAR's curve against the flow-DiT's at equal FLOPs (DiT FID interpolated in log FLOPs):", "",
+                      "| E-CAR row | GFLOPs | E-CAR FID | flow-DiT FID at these FLOPs | verdict |", "|---|---|---|---|---|"]
+            lines += [f"| {p['variant']} | {p['gflops']:.2f} | {p['ecar_fid']:.2f} | {p['dit_fid_interpolated']:.2f} | "
+                      f"{p['verdict']} |" for p in compared["curve"]]
+            lines.append(f"\nAt or below the flow-DiT curve at every shared budget: "
+                         f"{'yes' if compared['curve_at_or_below'] else 'no'}")
     return "\n".join(lines) + "\n"
+
+
+CURVES = {"ecar": ("E-CAR (schedules)", "*-"), "ecar-full": ("E-CAR full window (FlowAR-like)", "s"),
+          "ecar-clean": ("E-CAR, AR fed the clean estimate", "D"), "dit": ("flow-DiT (Euler steps)", "o-")}
 
 
 def plot(rows: dict[str, dict[str, Any]], path: Path, reference_images: int) -> None:
@@ -310,49 +542,130 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, reference_images: int) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    dits = sorted((row for row in rows.values() if row["model"] == "dit"), key=lambda row: row["sampling_gflops"])
-    if dits:
-        axes.plot([r["sampling_gflops"] for r in dits], [r["fid"] for r in dits], "o-", label="flow-DiT")
-        for row in dits:
-            axes.annotate(f"{row['steps_per_stage'][0]} steps", (row["sampling_gflops"], row["fid"]),
-                          textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for name, marker in (("ecar", "*"), ("ecar-full", "s")):
-        if name in rows:
-            axes.plot(rows[name]["sampling_gflops"], rows[name]["fid"], marker, markersize=12 if marker == "*" else 7,
-                      label="E-CAR" if name == "ecar" else "E-CAR full window (FlowAR-like)")
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for model, (label, style) in CURVES.items():
+        points = sorted((r["sampling_gflops"], r["fid"], r["steps_per_stage"]) for n, r in rows.items()
+                        if r["model"] == model and "fid" in r and "/seed" not in n)
+        if not points:
+            continue
+        axes.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=9)
+        for gflops, fid, steps in points:
+            axes.annotate("+".join(map(str, steps)), (gflops, fid), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7)
     axes.set_xscale("log")
-    axes.set_xlabel("GFLOPs per image (sampling, CFG on)")
-    axes.set_ylabel(f"FID-{reference_images}")
+    axes.set_xlabel("GFLOPs per image (sampling, CFG 1.5)")
+    axes.set_ylabel(f"FID-{reference_images} (lower is better)")
     axes.set_title("Fashion-MNIST latents: FID against sampling cost")
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def grid(variants: list[Variant], paths: Paths, path: Path, per_class: int = 2) -> None:
+    """The same (class, seed) rows from every sampled variant, one row per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ecar.sampler import read_samples
+
+    shown = [v for v in variants if v.sample and "/seed" not in v.name
+             and storage.exists(storage.join(paths.samples(v.name), "manifest.json"))]
+    if not shown:
+        return
+    columns = 10 * per_class
+    figure, axes = plt.subplots(len(shown), 1, figsize=(columns * 0.5, len(shown) * 0.62))
+    for axis, variant in zip(np.atleast_1d(axes), shown):
+        images = read_samples(paths.samples(variant.name), "images")["images"][:columns]  # rows 0.. : classes 0-9, 0-9
+        strip = np.concatenate(list(images[..., 0] if images.shape[-1] == 1 else images), axis=1)
+        axis.imshow(strip, cmap="gray", vmin=0, vmax=255)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(variant.name, rotation=0, ha="right", va="center", fontsize=7)
+    figure.suptitle("The same (class, seed) rows from every model and schedule", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def loss_curves(paths: Paths, path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Held-out flow loss of every trained model by step, from its MLflow training run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from ecar.export import read_config, read_metadata
+    from ecar.tracking import resolve_tracking_uri
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for model in MODELS:
+        export = paths.export(model)
+        if not storage.exists(storage.join(export, "export.json")):
+            continue
+        run_id = read_metadata(export).get("mlflow_run_id", "")
+        client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(read_config(export)))
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")) if run_id else []
+        if history:
+            curves[model] = history
+    if curves:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for model, history in curves.items():
+            axes.plot([h[0] for h in history], [h[1] for h in history], "o-", markersize=3, label=model)
+        axes.set_xlabel("training step")
+        axes.set_ylabel("held-out flow loss (512 test latents, fixed noise)")
+        axes.set_yscale("log")
+        axes.set_title("Held-out loss during training (E-CAR: mean over stages)")
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+    return curves
+
+
 def report(variants: list[Variant], paths: Paths, scale_name: str, results: Path) -> dict[str, Any]:
-    rows = {v.name: json.loads(storage.read_text(paths.metrics(v.name)))
-            for v in variants if storage.exists(paths.metrics(v.name))}
+    names = [v.name for v in variants] + [f"{v.name}/seed{SEED_ROW_SEED}" for v in variants]
+    rows = {name: json.loads(storage.read_text(paths.metrics(name))) for name in names
+            if storage.exists(paths.metrics(name))}
     if not rows:
         raise FileNotFoundError(f"no metrics under {storage.join(paths.root, 'metrics')}: run the evaluate part first")
-    first = next(iter(rows.values()))
+    between = {v.name: json.loads(storage.read_text(paths.metrics(f"{v.name}/between-seeds"))) for v in variants
+               if storage.exists(paths.metrics(f"{v.name}/between-seeds"))}
+    floors_found = {name: json.loads(storage.read_text(paths.metrics(name))) for name in FLOOR_NAMES
+                    if storage.exists(paths.metrics(name))}
+    sampled = next(r for r in rows.values() if "fid" in r)
+    noise = seed_noise(rows, between)
     result = {
         "what": "E-CAR vs flow-DiT of matched parameter count, same training budget, same sample rows",
         "scale": scale_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "root": paths.root,
         "manifest_uri": paths.manifest, "machine": machine(),
-        "train_steps": first["train_steps"], "global_batch_size": first["global_batch_size"],
-        "samples": first["samples"], "reference_images": first["reference_images"],
+        "train_steps": sampled["train_steps"], "global_batch_size": sampled["global_batch_size"],
+        "samples": sampled["samples"], "reference_images": sampled["reference_images"],
         "flop_convention": "multiply-add counted once (DiT's convention), counted by running generate()",
-        "latency": "median seconds per image of generate() on this machine, measured per variant in turn",
-        "variants": rows,
-        "comparisons": comparisons(rows),
+        "latency": "median seconds per image of generate() on this machine; rows take turns within each repeat",
+        "variants": rows, "floors": floors_found, "seed_noise": noise,
+        "comparisons": comparisons(rows, noise["tie_threshold"]),
+        "loss_curves": loss_curves(paths, results / "headline-loss.png"),
     }
     results.mkdir(parents=True, exist_ok=True)
     (results / "headline.json").write_text(json.dumps(result, indent=2))
     (results / "headline.md").write_text(markdown(result))
     plot(rows, results / "headline.png", result["reference_images"])
+    grid(variants, paths, results / "headline-grid.png")
     return result
+
+
+def cost_matched_steps(configs: dict[str, Config]) -> int:
+    """The flow-DiT step count whose sampling FLOPs are the closest to E-CAR's default schedule."""
+    from ecar.evaluation.evaluate import sampling_cost
+
+    ecar = sampling_cost(configs["ecar"])["sampling_gflops"]
+    per_step = sampling_cost(configs["dit"].override({"flow.steps_per_stage": [1]}))["sampling_gflops"]
+    return max(1, round(ecar / per_step))
 
 
 # ----- command line -----------------------------------------------------------------------------
@@ -364,42 +677,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="an existing latent data set to reuse (default: ROOT/latents)")
     parser.add_argument("--tokenizer", help="an existing tokenizer to reuse (default: ROOT/tokenizer)")
     parser.add_argument("--train-steps", type=int, help="training steps of every model (default: the scale's)")
-    parser.add_argument("--samples", type=int, help="images per variant, and reference images for FID")
-    parser.add_argument("--dit-steps", type=int, nargs="+", help="DiT Euler steps (default: 250 100 50 25)")
+    parser.add_argument("--samples", type=int, help="images per row, and reference images for FID")
+    parser.add_argument("--dit-steps", type=int, nargs="+", help="flow-DiT Euler steps (default: 100 50 25 10)")
+    parser.add_argument("--dit-250", action="store_true", help="also sample and score flow-DiT@250 (hours on CPU)")
     parser.add_argument("--dit-depth", type=int, help="DiT depth (default: the one matching E-CAR's parameters)")
-    parser.add_argument("--variants", nargs="+", help="only these variants (e.g. ecar dit@250; default: all)")
-    parser.add_argument("--actors", type=int, default=1, help="sampling actors (1 CPU each)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only train these models")
+    parser.add_argument("--variants", nargs="+", help="only these rows (e.g. ecar dit@50; default: all)")
+    parser.add_argument("--actors", type=int, default=2, help="sampling actors (1 CPU each)")
     parser.add_argument("--results-dir", type=Path, help="report output (default: benchmarks/results, ROOT/results at --scale tiny)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     args = parser.parse_args(argv)
 
     base = SCALES[args.scale]
     scale = Scale(images_per_split=base.images_per_split, tokenizer_steps=base.tokenizer_steps,
-                  train_steps=args.train_steps or base.train_steps, ema_decay=base.ema_decay,
+                  train_steps=args.train_steps or base.train_steps, batch_size=base.batch_size,
+                  ema_decay=base.ema_decay,
                   samples=args.samples or base.samples, dit_steps=tuple(args.dit_steps or base.dit_steps),
-                  latency_batches=base.latency_batches)
+                  latency_batches=base.latency_batches, workers=base.workers, torch_threads=base.torch_threads)
     root = args.root or ("outputs/headline" if args.scale == "full" else f"outputs/headline-{args.scale}")
     paths = Paths(root=root, manifest=(args.manifest or storage.join(root, "latents")).removesuffix("/manifest.json"),
                   tokenizer=args.tokenizer or storage.join(root, "tokenizer"))
     results = args.results_dir or (RESULTS if args.scale == "full" else Path(root) / "results")
-    variants = all_variants(scale.dit_steps)
-    if args.variants:
-        unknown = sorted(set(args.variants) - {v.name for v in variants})
-        if unknown:
-            parser.error(f"unknown variants {unknown}; available: {[v.name for v in variants]}")
-        variants = [v for v in variants if v.name in args.variants]
-    models = [m for m in MODELS if any(v.model == m for v in variants)]
-
     started = time.perf_counter()
     try:
+        configs = model_configs(paths, scale, args.dit_depth)
+        variants = all_variants(scale, cost_matched_steps(configs), args.dit_250)
+        if args.variants:
+            unknown = sorted(set(args.variants) - {v.name for v in variants})
+            if unknown:
+                parser.error(f"unknown variants {unknown}; available: {[v.name for v in variants]}")
+            variants = [v for v in variants if v.name in args.variants]
+        models = args.models or [m for m in MODELS if any(v.model == m for v in variants)]
         if {"data", "train", "sample"} & set(args.parts):
             from ecar.runtime import init_ray
 
             init_ray(args.address)
         if {"data", "train"} & set(args.parts):
-            configs = model_configs(paths, scale, args.dit_depth)
             for name, config in configs.items():
-                log.info("%-9s %s: %.2f M parameters", name, config.preset, parameter_count(config) / 1e6)
+                log.info("%-10s %s: %.2f M parameters", name, config.preset, parameter_count(config) / 1e6)
         if "data" in args.parts:
             prepare_data(configs["ecar"], paths, scale)
         if "train" in args.parts:
@@ -410,11 +725,14 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()  # latency is timed in this process: not next to an idle Ray cluster of ours
-            evaluate_variants(variants, paths, scale.samples, scale.latency_batches)
+            evaluate_variants(variants, paths, scale.samples)
+            floors(paths, scale.samples, configs["ecar"])
+            seed_rows(variants, paths, scale.samples, args.actors)
+            measure_latency(variants, paths, scale.latency_batches)
         if "report" in args.parts:
             result = report(variants, paths, args.scale, results)
             print((results / "headline.md").read_text())
-            print(f"wrote {results}/headline.json, headline.md, headline.png "
+            print(f"wrote {results}/headline.json, headline.md, headline.png, headline-grid.png, headline-loss.png "
                   f"({result['samples']} samples and {result['reference_images']} reference images per FID)")
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"headline: {error}", file=sys.stderr)
