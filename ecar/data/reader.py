@@ -3,23 +3,28 @@ training consumes.
 
 `latent_dataset(manifest_uri, split)` returns a Ray Dataset with exactly these columns:
 
-    latent   float32, shape (C, h, w) per row  -> iter_torch_batches gives (B, C, h, w).
-             `scale * E(x)` with the manifest's latent_scale when scaled=True (the default):
-             the flow model's data, of unit variance; divide by manifest["latent_scale"]
-             before the tokenizer's decode. With flip_augment latents and flip="random", each
-             row is the latent of the image or of its mirror image with probability 1/2.
-    label    int64, shape () per row            -> (B,), class index in [0, num_classes).
-    id       string (only with keep_ids=True; strings cannot become tensors, so leave it out
-             for iter_torch_batches).
+    latent       float32, shape (C, h, w) per row  -> iter_torch_batches gives (B, C, h, w).
+                 `scale * E(x)` with the manifest's latent_scale when scaled=True (the default):
+                 the flow model's data, of unit variance; divide by manifest["latent_scale"]
+                 before the tokenizer's decode.
+    latent_flip  (only for flip_augment latents with flip="random") the same for the mirror
+                 image. `torch_batches` chooses between the two per row and epoch.
+    label        int64, shape () per row            -> (B,), class index in [0, num_classes).
+    id           string (only with keep_ids=True; strings cannot become tensors, so leave it out
+                 for iter_torch_batches).
 
 Shuffling: the shard files are read in a seeded random order (`shuffle="files"`), and
-`torch_batches` / iter_torch_batches(local_shuffle_buffer_size=data.shuffle_buffer_rows) mixes
-rows within a buffer; no global shuffle (it would materialise the data set).
+`torch_batches` mixes rows within a buffer of data.shuffle_buffer_rows; no global shuffle (it
+would materialise the data set).
+
+Mirroring is chosen as the batches leave the stream, not inside the Dataset: a Dataset's map
+cannot know which epoch it serves, so a choice made there would repeat every epoch. In
+`torch_batches` it is a function of (seed, epoch, rank, batch index, row): another draw each
+epoch, and the same draw when an epoch is replayed after a restart.
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -93,22 +98,17 @@ def _validate_values(file: str, manifest: dict[str, Any], storage_config: Storag
                                     f"not in [0, {manifest['num_classes']})")
 
 
-def _to_tensors(shape: list[int], scale: float, flip: bool, keep_ids: bool, seed: int | None):
-    """Arrow batch -> {"latent": (B, C, h, w) float32, "label": (B,) int64[, "id"]}."""
+def _to_tensors(shape: list[int], scale: float, flip: bool, keep_ids: bool):
+    """Arrow batch -> {"latent": (B, C, h, w) float32[, "latent_flip"], "label": (B,) int64[, "id"]}."""
 
     def column(batch: pa.Table, name: str) -> np.ndarray:
         flat = batch.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(batch.num_rows, *shape)
+        return (flat.reshape(batch.num_rows, *shape) * scale).astype(np.float32)
 
     def convert(batch: pa.Table) -> dict[str, np.ndarray]:
-        latent = column(batch, "latent")
+        out = {"latent": column(batch, "latent"), "label": batch.column("label").to_numpy().astype(np.int64)}
         if flip:
-            # seeded by the batch's own content, so a fixed seed gives the same choices on any worker
-            entropy = None if seed is None else [seed, zlib.crc32(latent[:1].tobytes())]
-            mirrored = np.random.default_rng(entropy).random(batch.num_rows) < 0.5
-            latent = np.where(mirrored[:, None, None, None], column(batch, "latent_flip"), latent)
-        out = {"latent": (latent * scale).astype(np.float32),
-               "label": batch.column("label").to_numpy().astype(np.int64)}
+            out["latent_flip"] = column(batch, "latent_flip")
         if keep_ids:
             out["id"] = np.asarray(batch.column("id").to_pylist(), dtype=object)
         return out
@@ -121,8 +121,8 @@ def latent_dataset(uri: str, split: str = "train", storage_config: StorageConfig
                    keep_ids: bool = False, validate: bool = True):
     """A streaming Ray Dataset over the latents of `split` (layout in the module docstring).
 
-    `uri`: the latent prefix or its manifest.json. `seed` fixes the file order and the flip
-    choices (None: a fresh order each call). `flip="none"` ignores stored mirror latents.
+    `uri`: the latent prefix or its manifest.json. `seed` fixes the file order (None: a fresh
+    order each call). `flip="none"` ignores stored mirror latents.
     `validate` runs the footer checks of `validate_latents` first (not the value scan).
     """
     import ray
@@ -136,16 +136,35 @@ def latent_dataset(uri: str, split: str = "train", storage_config: StorageConfig
     shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle).select_columns(columns)
     convert = _to_tensors(manifest["latent_shape"], manifest["latent_scale"] if scaled else 1.0, use_flip,
-                          keep_ids, seed)
+                          keep_ids)
     return dataset.map_batches(convert, batch_format="pyarrow")
 
 
 def torch_batches(dataset, batch_size: int, shuffle_buffer_rows: int, seed: int | None = None,
-                  device: str = "cpu", drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """iter_torch_batches with the local shuffle buffer: {"latent": (B, C, h, w), "label": (B,)}."""
-    return dataset.iter_torch_batches(
-        batch_size=batch_size, dtypes={"latent": torch.float32, "label": torch.int64}, device=device,
-        drop_last=drop_last, local_shuffle_buffer_size=shuffle_buffer_rows or None, local_shuffle_seed=seed)
+                  device: str = "cpu", drop_last: bool = True, *, epoch: int = 0, rank: int = 0,
+                  prefetch_batches: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Epoch `epoch` of `dataset` (a Ray Dataset, or a Ray Train worker's shard of one) as
+    {"latent": (B, C, h, w) float32, "label": (B,) int64}.
+
+    Rows are mixed in a local shuffle buffer of `shuffle_buffer_rows` (0: none). Where the
+    stream carries `latent_flip`, each row is the latent of its image or of the mirror image
+    with probability 1/2. With a `seed`, the buffer's draws are a function of (seed, epoch) and
+    the mirror choices of (seed, epoch, rank, batch index, row); None draws afresh.
+    """
+    buffer = shuffle_buffer_rows or None
+    batches = dataset.iter_torch_batches(
+        batch_size=batch_size, device=device, drop_last=drop_last, prefetch_batches=prefetch_batches,
+        dtypes={"latent": torch.float32, "latent_flip": torch.float32, "label": torch.int64},
+        local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=seed * 100003 + epoch if buffer and seed is not None else None)
+    for index, batch in enumerate(batches):
+        latent = batch["latent"]
+        if "latent_flip" in batch:
+            # SeedSequence entropy must be non-negative; % keeps distinct seeds distinct
+            draws = np.random.default_rng(None if seed is None else [seed % 2**64, epoch, rank, index])
+            mirrored = torch.from_numpy(draws.random(latent.shape[0]) < 0.5).to(latent.device)
+            latent = torch.where(mirrored.view(-1, *[1] * (latent.dim() - 1)), batch["latent_flip"], latent)
+        yield {"latent": latent, "label": batch["label"]}
 
 
 def read_latents(uri: str, split: str, rows: int, storage_config: StorageConfig | None = None,
@@ -159,7 +178,7 @@ def read_latents(uri: str, split: str, rows: int, storage_config: StorageConfig 
         if have >= rows:
             break
         table = read_table(file, storage_config, columns=["label", "latent"]).slice(0, rows - have)
-        batch = _to_tensors(shape, scale, False, False, None)(table)
+        batch = _to_tensors(shape, scale, False, False)(table)
         latents.append(torch.from_numpy(batch["latent"]))
         labels.append(torch.from_numpy(batch["label"]))
         have += table.num_rows

@@ -19,10 +19,12 @@ def write_synthetic_latents(
     num_classes: int = 10,
     seed: int = 0,
     test_rows: int = 64,
+    flip: bool = False,
 ) -> str:
     """Write `rows` train latents of `shape` (C, H, W) in `shards` Parquet files, `test_rows`
     held-out latents of the same classes in one file, and the manifest last, under `prefix`;
-    returns `prefix` (what `--manifest` takes)."""
+    returns `prefix` (what `--manifest` takes). With `flip`, the shards also carry
+    `latent_flip`: each latent mirrored left to right, standing in for the mirror image's."""
     from ecar.data.encode import latent_schema
     from ecar.data.manifest import SCHEMA_VERSION, latent_shard_uri, write_manifest
     from ecar.data.shards import shard_name, write_table
@@ -30,7 +32,7 @@ def write_synthetic_latents(
     rng = np.random.default_rng(seed)
     dim = int(np.prod(shape))
     means = rng.standard_normal((num_classes, dim)).astype(np.float32)
-    schema = latent_schema(dim, flip=False)
+    schema = latent_schema(dim, flip=flip)
     splits, latents = {}, None
     for split, count, parts in (("train", rows, shards), ("test", test_rows, 1)):
         if not count:
@@ -40,10 +42,13 @@ def write_synthetic_latents(
         latents = values if split == "train" else latents
         entries = []
         for index, part in enumerate(np.array_split(np.arange(count), parts)):
-            table = pa.table({"id": [f"row-{i}" if split == "train" else f"{split}-{i}" for i in part],
-                              "label": labels[part].astype(np.int64),
-                              "latent": pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), dim)},
-                             schema=schema)
+            columns = {"id": [f"row-{i}" if split == "train" else f"{split}-{i}" for i in part],
+                       "label": labels[part].astype(np.int64),
+                       "latent": pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), dim)}
+            if flip:
+                mirrored = values[part].reshape(-1, *shape)[..., ::-1]
+                columns["latent_flip"] = pa.FixedSizeListArray.from_arrays(pa.array(mirrored.ravel()), dim)
+            table = pa.table(columns, schema=schema)
             write_table(latent_shard_uri(prefix, split, shard_name(index)), table, storage_config)
             entries.append({"name": shard_name(index), "rows": len(part), "quarantined": 0})
         splits[split] = {"rows": count, "quarantined": 0, "input_rows": count, "quarantine_reasons": {},
@@ -54,7 +59,7 @@ def write_synthetic_latents(
         "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
         "latent_shape": list(shape), "latent_dtype": "float32",
         "latent_scale": 1.0 / std, "latent_mean": float(latents.mean()), "latent_std": std,
-        "scale_split": "train", "flip_augment": False,
+        "scale_split": "train", "flip_augment": flip,
         "num_classes": num_classes, "class_names": [f"class {k}" for k in range(num_classes)],
         "image_size": 0, "image_channels": 0, "source": {"images_uri": "", "kind": "synthetic", "uri": ""},
         "splits": splits,

@@ -55,6 +55,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from ecar.data.reader import torch_batches
     from ecar.models import build_model
     from ecar.train import checkpoint as ckpt
     from ecar.train.ema import EMA
@@ -97,14 +98,10 @@ def train_worker(arguments: dict[str, Any]) -> None:
     shape = source.latent_shape
 
     def open_epoch(epoch: int):
-        # Seeded by epoch: the same order whenever an epoch is replayed after a restart.
-        buffer = config.data.shuffle_buffer_rows or None
-        for batch in shard.iter_torch_batches(
-            batch_size=config.train.micro_batch_size, drop_last=True, prefetch_batches=2,
-            dtypes={"latent": torch.float32, "label": torch.int64}, device="cpu",
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=(config.train.seed * 100003 + epoch) if buffer else None,
-        ):
+        # Seeded by epoch: the same order and mirror choices whenever an epoch is replayed after
+        # a restart, other ones in the next epoch.
+        for batch in torch_batches(shard, config.train.micro_batch_size, config.data.shuffle_buffer_rows,
+                                   config.train.seed, epoch=epoch, rank=rank, prefetch_batches=2):
             yield batch["latent"].reshape(-1, *shape), batch["label"]
 
     preview = Preview(config, source, rank) if rank == 0 else None

@@ -23,6 +23,7 @@ from ecar.presets import get_config
 from ecar.tokenizer import load_tokenizer
 from ecar.tokenizer.train import train_tokenizer, vae_shape
 from ecar.tokenizer.vae import KLVAE, save_vae
+from ecar.train.synthetic import write_synthetic_latents
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -82,6 +83,34 @@ def test_prepare_train_encode_read_through_s3(ray_cluster, s3_prefix):
     assert sorted(ids) == sorted(_ids(latents, "train")) and len(set(ids)) == 300
     decoded = load_tokenizer(config).model.decode(batch["latent"] / manifest["latent_scale"])
     assert decoded.shape[1:] == (1, 16, 16)
+
+
+def test_mirror_choices_are_drawn_anew_each_epoch_and_again_on_replay(ray_cluster, tmp_storage):
+    """Under a fixed seed each row is its image's latent or the mirror's with probability 1/2,
+    drawn anew every epoch, and drawn the same when an epoch is replayed (as after a restart).
+    One shard: with the choice seeded by a batch's content, every row repeated its choice."""
+    prefix = write_synthetic_latents(storage.join(tmp_storage, "latents"), rows=256, shards=1, test_rows=0, flip=True)
+    table = read_table(shard_uris(read_manifest(prefix), "train")[0])
+    ids = table.column("id").to_pylist()
+    which: dict[bytes, tuple[str, bool]] = {}  # stored latent -> (row id, mirrored)
+    for column, mirrored in (("latent", False), ("latent_flip", True)):
+        values = table.column(column).combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
+        which.update({row.tobytes(): (i, mirrored) for i, row in zip(ids, values)})
+    dataset = latent_dataset(prefix, "train", seed=0, scaled=False)
+
+    def epoch(number: int) -> list[tuple[str, bool]]:
+        return [which[row.numpy().tobytes()]
+                for batch in torch_batches(dataset, batch_size=16, shuffle_buffer_rows=64, seed=0, epoch=number)
+                for row in batch["latent"].flatten(1)]
+
+    first, second = epoch(0), epoch(1)
+    assert sorted(i for i, _ in first) == sorted(i for i, _ in second) == sorted(ids)
+    for rows in (first, second):
+        assert 0.35 < np.mean([mirrored for _, mirrored in rows]) < 0.65
+    again = dict(first)
+    same = sum(again[i] == mirrored for i, mirrored in second)
+    assert 0.35 * len(ids) < same < 0.65 * len(ids), f"{same} of {len(ids)} rows chose alike in both epochs"
+    assert epoch(1) == second
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
