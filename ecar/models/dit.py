@@ -10,7 +10,7 @@ from ecar import flow
 from ecar.config import Config, SamplingConfig
 from ecar.models.ecar import ClassConditional
 from ecar.models.flow_net import FlowTransformer
-from ecar.sampling import integrate, step_scales, with_null_labels
+from ecar.euler import integrate, step_scales, with_null_labels
 
 
 class FlowDiT(ClassConditional):

@@ -19,7 +19,7 @@ from ecar.config import Config, SamplingConfig
 from ecar.layout import StageLayout
 from ecar.models.ar import ARTransformer
 from ecar.models.flow_net import FlowCondition, FlowTransformer
-from ecar.sampling import integrate, step_scales, with_null_labels
+from ecar.euler import integrate, step_scales, with_null_labels
 
 
 class ClassConditional(nn.Module):
