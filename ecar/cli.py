@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-from ecar.config import ConfigError
+from ecar.config import USER_ERRORS, ConfigError
 
 # Subcommands implemented as job modules (`jobs/NAME.py` with `main(argv) -> int`), so that the
 # same code runs as `ecar NAME ...` and as `ray job submit -- python -m jobs.NAME ...`.
@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "job_module"):
             return importlib.import_module(args.job_module).main(args.arguments)
         return args.run(args)
-    except ConfigError as error:
-        print(f"ecar {args.command}: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"ecar {args.command}: {error}", file=sys.stderr)
         return 2
 

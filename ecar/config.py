@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is invalid; the message names the key."""
 
 
+# What every entry point reports as a user's mistake: one line, exit code 2, no traceback
+# (ConfigError is a ValueError; ImportError: an optional package such as diffusers is missing).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The networks. `kind="ecar"`: AR transformer + multistage flow; `kind="dit"`: flow-DiT."""

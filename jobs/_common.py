@@ -7,10 +7,8 @@ import argparse
 import sys
 from typing import Callable
 
-from ecar.config import Config, ConfigError
+from ecar.config import USER_ERRORS, Config
 from ecar.presets import get_config
-
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, ImportError)
 
 
 def base_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from ecar.config import ConfigError
+from ecar.config import USER_ERRORS
 from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
 from ecar.export import read_config, read_metadata
 from ecar.tracking import resolve_tracking_uri
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             config = read_config(metrics["checkpoint_uri"])
             run_id = read_metadata(metrics["checkpoint_uri"]).get("mlflow_run_id", "")
             log_evaluation(metrics, config, args.tracking_uri or resolve_tracking_uri(config), run_id)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"ecar evaluate: {error}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))

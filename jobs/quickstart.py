@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ecar import storage
-from ecar.config import Config, ConfigError
+from ecar.config import USER_ERRORS, Config
 from ecar.log import get_logger
 from ecar.presets import get_config
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = quickstart_config(args.storage, SCALES[args.scale], args.overrides)
         summary = run(config, SCALES[args.scale], args.address)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"ecar quickstart: {error}", file=sys.stderr)
         return 2
     storage.write_text_atomic(storage.join(args.storage, "quickstart.json"), json.dumps(summary, indent=2))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ecar.config import ConfigError
+from ecar.config import USER_ERRORS
 from ecar.runtime import init_ray
 from ecar.export import read_config
 from ecar.sampler import sample_to_storage, sampling_config
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address)
         manifest = sample_to_storage(args.checkpoint, args.output, args.num_images, args.overrides, labels,
                                      args.shard_size, args.batch_size, args.actors, args.cpus_per_actor)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"ecar sample: {error}", file=sys.stderr)
         return 2
     print(f"{manifest['num_images']} samples in {args.output}")

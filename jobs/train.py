@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from ecar.config import Config, ConfigError
+from ecar.config import USER_ERRORS, Config
 from ecar.log import get_logger
 
 log = get_logger("ecar.jobs.train")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(args.preset, args.overrides, args.manifest, args.output)
         name = args.name or f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = train_job(config, name, args.address)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"ecar train: {error}", file=sys.stderr)
         return 2
     print(f"run {result.name}: {result.metrics.get('step', '?')} steps; checkpoint {result.checkpoint_uri}; "

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from ecar.config import ConfigError
+from ecar.config import USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             latency_batches=tuple(args.latency_batches), smoke_test=args.smoke_test, address=args.address,
             tracking_uri=args.tracking_uri, report_dir=args.report_dir)
         result = run_sweep(sweep, options)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"ecar tune: {error}", file=sys.stderr)
         return 2
     print(result.report_markdown or "(no report: no trial logged the ranking metric)")
