@@ -476,5 +476,13 @@ def _validate_data_and_tokenizer(config: Config) -> None:
            "must be 0 (skip) or at least 2 (a covariance needs two images)")
 
 
-def gradient_accumulation_steps(train: TrainConfig) -> int:
-    return train.global_batch_size // (train.micro_batch_size * train.num_workers)
+def gradient_accumulation_steps(train: TrainConfig, world_size: int | None = None) -> int:
+    """Micro-batches per optimizer step on each worker, from global = micro x accumulation x
+    world size (`world_size`: the workers actually running, default train.num_workers)."""
+    world = train.num_workers if world_size is None else world_size
+    per_step = train.micro_batch_size * world
+    if world < 1 or train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {train.global_batch_size} is not micro_batch_size "
+            f"({train.micro_batch_size}) x world size ({world}) x a whole number of accumulation steps")
+    return train.global_batch_size // per_step

@@ -10,7 +10,6 @@ deterministic names; the manifest goes last, once every shard exists.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import posixpath
@@ -21,18 +20,13 @@ import numpy as np
 import torch
 
 from ecar import storage
+from ecar.seeds import derived_seed
 from ecar.config import Config, ConfigError
 from ecar.export import Exported, load_exported, read_config, read_metadata
 from ecar.log import get_logger
 
 SCHEMA_VERSION = 1
 log = get_logger(__name__)
-
-
-def row_seed(base_seed: int, index: int) -> int:
-    """A 63-bit seed for image `index`, independent of every other row."""
-    digest = hashlib.sha256(f"{base_seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,7 @@ def shard_rows(shard: Shard, labels: list[int] | None, num_classes: int, base_se
         row_labels = indices % num_classes
     else:
         row_labels = np.asarray([labels[i % len(labels)] for i in indices], dtype=np.int64)
-    seeds = np.asarray([row_seed(base_seed, int(i)) for i in indices], dtype=np.int64)
+    seeds = np.asarray([derived_seed(base_seed, int(i)) for i in indices], dtype=np.int64)
     return {"index": indices, "label": row_labels, "seed": seeds}
 
 
@@ -144,20 +138,6 @@ class ShardSampler:
         return {"start": batch["start"], "count": np.asarray(written, dtype=np.int64)}
 
 
-def claim_output(output_uri: str, identity: dict[str, Any]) -> None:
-    """Record what this output holds (run.json), or check that a re-run asks for the same thing:
-    shards of another checkpoint or schedule must never be mixed into one sample set."""
-    path = storage.join(output_uri, "run.json")
-    if storage.exists(path):
-        recorded = json.loads(storage.read_text(path))
-        if recorded != identity:
-            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
-            raise ValueError(f"{output_uri} already holds samples of a different run (differs in "
-                             f"{', '.join(changed)}); use a new output or delete it")
-        return
-    storage.write_text_atomic(path, json.dumps(identity, indent=2))
-
-
 def existing_shards(output_uri: str) -> set[str]:
     return {posixpath.basename(uri) for uri in storage.list_files(storage.join(output_uri, "shards"), ".npz")}
 
@@ -187,7 +167,7 @@ def sample_to_storage(
     metadata = read_metadata(checkpoint_uri)
     identity = {"checkpoint_weights_sha256": metadata["weights_sha256"],
                 "overrides": overrides, "labels": labels, "num_images": num_images, "shard_size": shard_size}
-    claim_output(output_uri, identity)
+    storage.claim_output(output_uri, identity, "samples")
     done = existing_shards(output_uri)
     pending = [shard for shard in plan if shard.name not in done]
     log.info("sampling %d images: %d shards, %d already on storage, %d to do",

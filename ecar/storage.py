@@ -12,10 +12,12 @@ pyarrow's own S3FileSystem ignores AWS_ENDPOINT_URL, so the endpoint is passed e
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
@@ -152,3 +154,19 @@ def delete(uri: str, storage: StorageConfig | None = None) -> None:
     fs, path = fsspec_fs(uri, storage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def claim_output(prefix: str, identity: dict[str, Any], what: str, name: str = "run.json",
+                 storage: StorageConfig | None = None) -> None:
+    """Record what an output folder holds (`prefix/name`), or check that a re-run asks for the
+    same thing: a job that fills missing shards must never mix in shards of another run.
+    `what` names the contents in the error ("samples", "latents")."""
+    uri = join(prefix, name)
+    if exists(uri, storage):
+        recorded = json.loads(read_text(uri, storage))
+        if recorded != identity:
+            changed = sorted(k for k in {*identity, *recorded} if recorded.get(k) != identity.get(k))
+            raise ValueError(f"{prefix} already holds {what} of a different run (differs in "
+                             f"{', '.join(changed)}); use a new output or delete it")
+        return
+    write_text_atomic(uri, json.dumps(identity, indent=2), storage)

@@ -116,20 +116,6 @@ class ShardEncoder:
         return out
 
 
-def _claim(prefix: str, identity: dict[str, Any], config: Config) -> None:
-    """Record what this output holds, or refuse a re-run that would mix another tokenizer's
-    (or another input's) latents into the same shards."""
-    uri = storage.join(prefix, CLAIM_NAME)
-    if storage.exists(uri, config.storage):
-        recorded = json.loads(storage.read_text(uri, config.storage))
-        if recorded != identity:
-            changed = sorted(k for k in identity if recorded.get(k) != identity.get(k))
-            raise ValueError(f"{prefix} already holds latents of a different encode run (differs in "
-                             f"{', '.join(changed)}); use a new output or delete it")
-        return
-    storage.write_text_atomic(uri, json.dumps(identity, indent=2), config.storage)
-
-
 def _write_shard(prefix: str, split: str, name: str, pieces: list[dict[str, np.ndarray]], config: Config) -> None:
     """Sort the file's rows by id (a deterministic order however blocks arrived), quarantine
     bad and duplicate rows, write the quarantine shard and then the latent shard."""
@@ -198,8 +184,9 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
     expected = [config.model.latent_channels, config.model.latent_size, config.model.latent_size]
     if shape != expected:
         raise ConfigError(f"model.latent_size: the tokenizer makes {shape} latents, the config expects {expected}")
-    _claim(output_uri, {"tokenizer": tokenizer.identity, "images_uri": images_uri,
-                        "flip_augment": config.data.flip_augment, "latent_shape": shape}, config)
+    storage.claim_output(output_uri, {"tokenizer": tokenizer.identity, "images_uri": images_uri,
+                                      "flip_augment": config.data.flip_augment, "latent_shape": shape},
+                         "latents", CLAIM_NAME, config.storage)
 
     # which input files still need a latent shard
     filesystem, _ = storage.arrow_fs(images_uri, config.storage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ecar.config import Config, ConfigError
+from ecar.config import Config, gradient_accumulation_steps
 
 
 BUCKET_ELEMENTS = 5 * 10**7
@@ -20,13 +20,7 @@ def deepspeed_config(config: Config, world_size: int, on_gpu: bool | None = None
     """
     train = config.train
     on_gpu = train.use_gpu if on_gpu is None else on_gpu
-    per_step = train.micro_batch_size * world_size
-    if world_size < 1 or train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {train.global_batch_size} is not micro_batch_size "
-            f"({train.micro_batch_size}) x world size ({world_size}) x a whole number of accumulation steps"
-        )
-    accumulation = train.global_batch_size // per_step
+    accumulation = gradient_accumulation_steps(train, world_size)
     # fp16 is not offered: it fails on CPU, and bf16 needs no loss scaling on GPU.
     precision = {"bf16": {"enabled": True}} if train.precision == "bf16" else {}
     zero: dict[str, Any] = {"stage": train.zero_stage}

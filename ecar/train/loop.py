@@ -9,7 +9,6 @@ callback, called on every rank at the same steps so that it may run collectives.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,9 +17,10 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 from torch import nn
 
-from ecar.config import Config, TrainConfig
+from ecar.config import Config, TrainConfig, gradient_accumulation_steps
 from ecar.layout import StageLayout
 from ecar.train.ema import EMA
+from ecar.seeds import derived_seed
 from ecar.train.schedule import lr_at
 
 # One micro-batch: latents (B, C, H, W) in the scaled latent space and class labels (B,).
@@ -95,7 +95,7 @@ class TorchBackend:
         self.dtype = torch.float32
         self.module = LossModule(model).to(self.device)
         self.train = train
-        self.accumulation = max(1, train.global_batch_size // train.micro_batch_size)
+        self.accumulation = gradient_accumulation_steps(train, world_size=1)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=train.lr, betas=train.betas,
                                            eps=1e-8, weight_decay=train.weight_decay)
 
@@ -123,13 +123,6 @@ class TorchBackend:
 
     def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
         return [(name.removeprefix("model."), p) for name, p in self.module.named_parameters()]
-
-
-def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """The seed of one micro-batch's noise, time and label dropout: a function of where it is
-    in the run, so an interrupted-and-resumed run draws exactly what an uninterrupted one would."""
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -201,7 +194,6 @@ def train(
     state: TrainState,
     ema: EMA,
     on_step: StepCallback | None = None,
-    accumulation: int | None = None,
 ) -> TrainState:
     """Run optimizer steps from `state.step` to `config.train.steps`.
 
@@ -210,8 +202,7 @@ def train(
     otherwise it receives None. It is called after the EMA update of every step.
     """
     train_config = config.train
-    accumulation = accumulation or max(
-        1, train_config.global_batch_size // (train_config.micro_batch_size * backend.world_size))
+    accumulation = gradient_accumulation_steps(train_config, backend.world_size)
     tokens_per_sample = StageLayout.from_config(config).total_tokens
     stream = DataStream(open_epoch, state)
     meter = Meter()
@@ -225,7 +216,8 @@ def train(
             latents = latents.to(backend.device, backend.dtype, non_blocking=True)
             labels = labels.to(backend.device, torch.long, non_blocking=True)
             generator = torch.Generator(device=backend.device)
-            generator.manual_seed(noise_seed(train_config.seed, state.step, micro, backend.rank))
+            # a function of where the micro-batch is in the run: a resumed run draws what an uninterrupted one would
+            generator.manual_seed(derived_seed(train_config.seed, state.step, micro, backend.rank))
             losses = backend.forward(latents, labels, generator)
             loss = losses["loss"]
             # Every rank must agree before backward: one rank skipping a collective would hang

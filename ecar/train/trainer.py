@@ -175,7 +175,7 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, backend) -> dict[str, float]:
-        from ecar.train.loop import noise_seed
+        from ecar.seeds import derived_seed
 
         latents, labels = self._load()
         sums: dict[str, float] = {}
@@ -184,7 +184,7 @@ class Validator:
             part = slice(index * self.batch, (index + 1) * self.batch)
             generator = torch.Generator(device=backend.device)
             # the same draws at every evaluation: a function of the seed and the row position only
-            generator.manual_seed(noise_seed(self.config.train.seed, -1, index, self.rank))
+            generator.manual_seed(derived_seed(self.config.train.seed, -1, index, self.rank))
             losses = backend.forward(latents[part].to(backend.device, backend.dtype),
                                      labels[part].to(backend.device), generator)
             for key, value in losses.items():

@@ -8,7 +8,8 @@ from ecar.config import ConfigError
 from ecar.export import save_exported
 from ecar.models import build_model
 from ecar.presets import get_config
-from ecar.sampler import existing_shards, read_samples, row_seed, sample_to_storage
+from ecar.sampler import existing_shards, read_samples, sample_to_storage
+from ecar.seeds import derived_seed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,9 +28,9 @@ def checkpoint(tmp_path_factory):
 
 
 def test_row_seeds_are_distinct_and_stable():
-    seeds = {row_seed(0, i) for i in range(1000)}
+    seeds = {derived_seed(0, i) for i in range(1000)}
     assert len(seeds) == 1000
-    assert row_seed(3, 7) == row_seed(3, 7) != row_seed(4, 7)
+    assert derived_seed(3, 7) == derived_seed(3, 7) != derived_seed(4, 7)
 
 
 def test_samples_are_the_same_at_any_pool_or_batch_size(ray_cluster, checkpoint, tmp_path):
