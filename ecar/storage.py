@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
-from ecar.config import StorageConfig
+from ecar.config import Config, StorageConfig
 
 
 def is_remote(uri: str) -> bool:
@@ -35,6 +35,13 @@ def absolute(uri: str) -> str:
     if not uri or is_remote(uri):
         return uri
     return str(Path(uri).resolve())
+
+
+def with_absolute_root(config: Config) -> Config:
+    """The config with a local storage root made absolute: workers and trials run in Ray's own
+    folders, where a relative root would put checkpoints and exports somewhere else."""
+    root = absolute(config.storage.root)
+    return config if root == config.storage.root else config.override({"storage.root": root})
 
 
 def join(uri: str, *parts: str) -> str:
@@ -170,3 +177,15 @@ def claim_output(prefix: str, identity: dict[str, Any], what: str, name: str = "
                              f"{', '.join(changed)}); use a new output or delete it")
         return
     write_text_atomic(uri, json.dumps(identity, indent=2), storage)
+
+
+def ray_storage(uri: str, storage: StorageConfig | None = None) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for a Ray Train or Tune RunConfig at `uri`: a local
+    folder (created, absolute), or object storage through s3fs behind pyarrow (native=False):
+    Ray first writes an empty marker file, which pyarrow's own S3 client sends as a multipart
+    upload that moto and some S3 servers reject."""
+    if not is_remote(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        return str(Path(uri).resolve()), None
+    filesystem, path = arrow_fs(uri, storage, native=False)
+    return path, filesystem

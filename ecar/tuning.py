@@ -158,16 +158,6 @@ def sampling_trial(trial_space: dict[str, Any], *, checkpoint_uri: str, tracking
 
 
 # ----- on the driver --------------------------------------------------------------------------
-def _tune_storage(config: Config, name: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) of the Tune experiment: STORAGE_ROOT/tune."""
-    root = storage.join(config.storage.root, "tune")
-    if not storage.is_remote(root):
-        Path(root).mkdir(parents=True, exist_ok=True)
-        return str(Path(root).resolve()), None
-    filesystem, path = storage.arrow_fs(root, config.storage, native=False)
-    return path, filesystem
-
-
 def _check_tracking_reach(tracking_uri: str) -> None:
     """Trials on other nodes cannot write to this machine's SQLite file (nor to a server on its
     loopback): a multi-node cluster needs a tracking server every node reaches."""
@@ -261,7 +251,7 @@ def run_sweep(sweep: Sweep, options: SweepOptions) -> SweepResult:
     # Trials run in other processes (and Tune may move them into their own folders): local
     # paths must not be relative. Tune's chdir into the trial folder is off for the same reason.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    base = base.override({"storage.root": storage.absolute(base.storage.root)})
+    base = storage.with_absolute_root(base)
     manifest_uri = storage.absolute(manifest_uri)
     options = dataclasses.replace(options, checkpoint_uri=storage.absolute(options.checkpoint_uri))
     if sweep.kind == "train":
@@ -355,7 +345,7 @@ def _client(tracking_uri: str):
 def _fit(trainable, space: Space, num_samples: int, scheduler, options: SweepOptions, base: Config, name: str):
     from ray import tune
 
-    storage_path, filesystem = _tune_storage(base, name)
+    storage_path, filesystem = storage.ray_storage(storage.join(base.storage.root, "tune"), base.storage)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment %s: finished trials are kept", experiment_path)

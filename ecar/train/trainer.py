@@ -297,19 +297,6 @@ class FitResult:
     metrics: dict[str, Any]
 
 
-def _ray_storage(config: Config) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig: the runs folder.
-
-    On S3, s3fs behind pyarrow (native=False): Ray writes an empty marker file first, which
-    pyarrow's own client sends as a multipart upload that moto and some S3 servers reject."""
-    runs = storage.join(config.storage.root, "runs")
-    if not storage.is_remote(runs):
-        Path(runs).mkdir(parents=True, exist_ok=True)
-        return str(Path(runs).resolve()), None
-    filesystem, path = storage.arrow_fs(runs, config.storage, native=False)
-    return path, filesystem
-
-
 def worker_env(config: Config) -> dict[str, str]:
     """Storage settings the workers need that the config, not the environment, decided."""
     env = {}
@@ -345,8 +332,7 @@ def fit(
     from ecar.train.tracking import finish_run, open_run
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
-    # Workers run in Ray's own folders: a relative storage root would put the export there.
-    config = config.override({"storage.root": storage.absolute(config.storage.root)})
+    config = storage.with_absolute_root(config)
     mlflow_run_id, resumed = open_run(config, tracking_uri, name, source.manifest_uri, run_uri(config, name),
                                       parent_run_id=parent_run_id, tags=tags)
     log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
@@ -358,7 +344,7 @@ def fit(
     # Block order, and so each worker's split, is then a function of the data alone: a replayed
     # epoch after a restart sees the same batches.
     options.preserve_order = True
-    storage_path, filesystem = _ray_storage(config)
+    storage_path, filesystem = storage.ray_storage(storage.join(config.storage.root, "runs"), config.storage)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
