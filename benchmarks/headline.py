@@ -31,6 +31,7 @@ FID-50k: compare only numbers measured with the same N (recorded in every output
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -44,9 +45,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python benchmarks/headline.py` from the repository root
 
 from ecar import storage  # noqa: E402
-from ecar.config import Config, ConfigError  # noqa: E402
+from ecar.config import USER_ERRORS, Config  # noqa: E402
 from ecar.log import get_logger  # noqa: E402
 from ecar.presets import get_config  # noqa: E402
+from jobs.quickstart import SCALES as QUICKSTART_SCALES, Scale, budget as quickstart_budget  # noqa: E402
 
 log = get_logger("ecar.benchmarks.headline")
 
@@ -58,29 +60,12 @@ FID_TOLERANCE, FLOPS_TARGET, LATENCY_TARGET = 1.10, 10.0, 5.0
 SEED_ROW_SEED = 1  # sampling.seed of the second-seed rows (the first rows use 0)
 
 
-@dataclass(frozen=True)
-class Scale:
-    """How much work each part does; `tiny` smoke-tests the whole chain in minutes."""
-
-    images_per_split: int | None  # None: the whole data set
-    tokenizer_steps: int
-    train_steps: int
-    batch_size: int  # global
-    ema_decay: float
-    samples: int
-    dit_steps: tuple[int, ...]
-    latency_batches: tuple[int, ...]
-    workers: int  # training workers (ZeRO-2 data parallel)
-    torch_threads: int  # per worker
-
-
-SCALES = {
-    # Chosen from measurements on this 2-core machine: see benchmarks/results/headline.md.
-    "full": Scale(images_per_split=None, tokenizer_steps=600, train_steps=2000, batch_size=32, ema_decay=0.998,
-                  samples=2000, dit_steps=(100, 50, 25, 10), latency_batches=(1, 16), workers=2, torch_threads=1),
-    "tiny": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, batch_size=16, ema_decay=0.99, samples=32,
-                  dit_steps=(4, 2), latency_batches=(1,), workers=2, torch_threads=1),
-}
+# The training budget of every model, shared with the quickstart's `--scale full`; chosen from
+# measurements on this 2-core machine (benchmarks/results/headline.md says why).
+SCALES = {"full": QUICKSTART_SCALES["full"],
+          "tiny": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, batch_size=16, samples=32,
+                        latency_batches=(1,), ema_decay=0.99, validate=True)}
+DIT_STEPS = {"full": (100, 50, 25, 10), "tiny": (4, 2)}
 
 # trained model -> (preset, the overrides that define it)
 # (in training order: the main comparison first)
@@ -113,12 +98,12 @@ def seed_variant(variant: Variant) -> Variant:
                    (*variant.overrides, f"sampling.seed={SEED_ROW_SEED}"))
 
 
-def all_variants(scale: Scale, dit_matched_steps: int, dit_250: bool = False) -> list[Variant]:
-    ecar = [Variant("ecar", "ecar"), *(steps_variant("ecar", s) for s in ECAR_SCHEDULES if scale.dit_steps[0] > 4)]
+def all_variants(dit_steps: tuple[int, ...], dit_matched_steps: int, dit_250: bool = False) -> list[Variant]:
+    full = dit_steps[0] > 4  # not the smoke test
+    ecar = [Variant("ecar", "ecar"), *(steps_variant("ecar", s) for s in ECAR_SCHEDULES if full)]
     others = [Variant("ecar-full", "ecar-full"), Variant("ecar-clean", "ecar-clean")]
-    dit_steps = sorted({*scale.dit_steps, dit_matched_steps}, reverse=True)
-    dits = [steps_variant("dit", (steps,), f"dit@{steps}") for steps in dit_steps]
-    if scale.dit_steps[0] > 4:
+    dits = [steps_variant("dit", (steps,), f"dit@{steps}") for steps in sorted({*dit_steps, dit_matched_steps}, reverse=True)]
+    if full:
         dits.insert(0, Variant("dit@250", "dit", ("flow.steps_per_stage=[250]",), sample=dit_250))
     return [*ecar, *others, *dits]
 
@@ -149,35 +134,11 @@ class Paths:
 
 # ----- configs: one budget for every model ------------------------------------------------------
 def budget(paths: Paths, scale: Scale) -> dict[str, Any]:
-    """Settings shared by every model: data, tokenizer, storage and the training budget."""
-    steps = scale.train_steps
-    return {
-        "storage.root": paths.root,
-        "data.manifest_uri": paths.manifest,
-        "data.encode_cpus_per_actor": 1.0,
-        "tokenizer.checkpoint_uri": paths.tokenizer,
-        "tokenizer.steps": scale.tokenizer_steps,
-        "tokenizer.eval_images": 500 if scale.images_per_split is None else 64,
-        "tokenizer.fid_images": 200 if scale.images_per_split is None else 16,
-        "tokenizer.cpus_per_worker": 1.0,
-        "train.steps": steps,
-        "train.num_workers": scale.workers,
-        "train.torch_threads": scale.torch_threads,
-        "train.cpus_per_worker": 0.5,
-        "train.global_batch_size": scale.batch_size,
-        "train.micro_batch_size": scale.batch_size // scale.workers,
-        "train.warmup_steps": max(1, steps // 15),
-        "train.lr": 1e-3,
-        "train.min_lr": 1e-5,
-        "train.ema_decay": scale.ema_decay,
-        "train.log_every": max(1, steps // 50),
-        "train.eval_every": max(1, steps // 15),
-        "train.val_rows": 512 if scale.images_per_split is None else 32,
-        "train.sample_every": max(2, steps // 3),
-        # at ~1.4 s per step: a checkpoint every ~6 minutes
-        "train.checkpoint_every": max(2, min(250, steps // 4)),
-        "train.zero_stage": 2,
-    }
+    """Settings shared by every model: the quickstart's budget at this scale, plus this
+    experiment's data, tokenizer and storage."""
+    return {**quickstart_budget(scale, paths.root), "data.manifest_uri": paths.manifest,
+            "tokenizer.checkpoint_uri": paths.tokenizer}
+
 
 def parameter_count(config: Config) -> int:
     import torch
@@ -688,12 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     args = parser.parse_args(argv)
 
-    base = SCALES[args.scale]
-    scale = Scale(images_per_split=base.images_per_split, tokenizer_steps=base.tokenizer_steps,
-                  train_steps=args.train_steps or base.train_steps, batch_size=base.batch_size,
-                  ema_decay=base.ema_decay,
-                  samples=args.samples or base.samples, dit_steps=tuple(args.dit_steps or base.dit_steps),
-                  latency_batches=base.latency_batches, workers=base.workers, torch_threads=base.torch_threads)
+    scale = dataclasses.replace(SCALES[args.scale], train_steps=args.train_steps or SCALES[args.scale].train_steps,
+                                samples=args.samples or SCALES[args.scale].samples)
+    dit_steps = tuple(args.dit_steps or DIT_STEPS[args.scale])
     root = args.root or ("outputs/headline" if args.scale == "full" else f"outputs/headline-{args.scale}")
     paths = Paths(root=root, manifest=(args.manifest or storage.join(root, "latents")).removesuffix("/manifest.json"),
                   tokenizer=args.tokenizer or storage.join(root, "tokenizer"))
@@ -701,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         configs = model_configs(paths, scale, args.dit_depth)
-        variants = all_variants(scale, cost_matched_steps(configs), args.dit_250)
+        variants = all_variants(dit_steps, cost_matched_steps(configs), args.dit_250)
         if args.variants:
             unknown = sorted(set(args.variants) - {v.name for v in variants})
             if unknown:
@@ -734,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             print((results / "headline.md").read_text())
             print(f"wrote {results}/headline.json, headline.md, headline.png, headline-grid.png, headline-loss.png "
                   f"({result['samples']} samples and {result['reference_images']} reference images per FID)")
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except USER_ERRORS as error:
         print(f"headline: {error}", file=sys.stderr)
         return 2
     log.info("headline: parts %s done in %.0f s", " ".join(args.parts), time.perf_counter() - started)

@@ -1,0 +1,129 @@
+"""Why E-CAR's samples collapsed within each class, and what fixed it (issue 17).
+
+Runs on the headline experiment's trained models (benchmarks/headline.py, same budget, same
+data): E-CAR with the AR fed the clean estimate (`ecar-clean`, the design before the fix), E-CAR
+with the AR fed the previous stage's noisy end state in training and sampling (`ecar`, the
+default now) and the flow-DiT as the reference. Sampling-time hypotheses are tested on both
+E-CAR models: no guidance (CFG 1), a linear guidance ramp from 1 at stage 1, and guidance only
+late in the path (interval [0.5, 1]). Every row: the same 2,000 (class, seed) rows, FID,
+precision, recall and classifier score against the first 2,000 test images; rows the headline
+already scored are reused from its metrics.
+
+    python benchmarks/diversity.py            # after headline.py's train part; resumable
+    python benchmarks/diversity.py --parts report
+
+Writes benchmarks/results/diversity.json, diversity.md and diversity.png (per class: 8 samples
+of each model, the same seeds in every panel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import headline  # noqa: E402  (the headline's models, paths and parts)
+from headline import Variant  # noqa: E402
+
+from ecar import storage  # noqa: E402
+
+RESULTS = headline.RESULTS
+SAMPLING_ABLATIONS = {
+    "cfg1": ("sampling.cfg_scale=1.0",),
+    "ramp": ("sampling.cfg_schedule=linear",),
+    "late": ("sampling.guidance_interval=[0.5,1.0]",),
+}
+REFERENCE = "dit@50"
+
+
+def rows() -> list[Variant]:
+    out = [Variant("ecar-clean", "ecar-clean"), Variant("ecar", "ecar")]
+    for model in ("ecar-clean", "ecar"):
+        out += [Variant(f"{model}+{name}", model, overrides) for name, overrides in SAMPLING_ABLATIONS.items()]
+    return out + [Variant(REFERENCE, "dit", ("flow.steps_per_stage=[50]",)),
+                  Variant(f"{REFERENCE}+cfg1", "dit", ("flow.steps_per_stage=[50]", "sampling.cfg_scale=1.0"))]
+
+
+def per_class_grid(variants: list[Variant], paths: headline.Paths, path: Path, per_class: int = 8) -> None:
+    """One panel per model: a row per class, `per_class` samples each (rows c, c + 10, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ecar.sampler import read_samples
+
+    shown = [v for v in variants if storage.exists(storage.join(paths.samples(v.name), "manifest.json"))]
+    figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 4.2))
+    for axis, variant in zip(np.atleast_1d(axes), shown):
+        samples = read_samples(paths.samples(variant.name), "images")
+        images, labels = samples["images"][..., 0], samples["label"]
+        panel = np.concatenate([np.concatenate(list(images[labels == c][:per_class]), axis=1) for c in range(10)])
+        axis.imshow(panel, cmap="gray", vmin=0, vmax=255)
+        axis.set_title(variant.name, fontsize=8)
+        axis.axis("off")
+    figure.suptitle("Samples per class (rows: classes 0-9; the same seeds in every panel)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+COLUMNS = [("variant", "{}"), ("model", "{}"), ("overrides", "{}"), ("fid", "{:.2f}"), ("precision", "{:.3f}"),
+           ("recall", "{:.3f}"), ("classifier_score", "{:.2f}"), ("sampling_gflops", "{:.2f}")]
+
+
+def report(variants: list[Variant], paths: headline.Paths) -> dict:
+    found = {v.name: json.loads(storage.read_text(paths.metrics(v.name))) for v in variants
+             if storage.exists(paths.metrics(v.name))}
+    first = next(iter(found.values()))
+    result = {"what": __doc__.split("\n\n")[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "samples": first["samples"], "reference_images": first["reference_images"],
+              "train_steps": first["train_steps"], "global_batch_size": first["global_batch_size"], "rows": found}
+    lines = ["# E-CAR's within-class diversity: ablations (issue 17)", "",
+             f"{result['date']}; models of the headline experiment ({result['train_steps']} steps at batch "
+             f"{result['global_batch_size']}); {result['samples']} samples per row on the same (class, seed) rows; "
+             f"metrics against the first {result['reference_images']} test images.", "",
+             "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in found.values():
+        lines.append("| " + " | ".join(fmt.format(row[c]) if c in row else "-" for c, fmt in COLUMNS) + " |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "diversity.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "diversity.md").write_text("\n".join(lines) + "\n")
+    per_class_grid([v for v in variants if v.name in ("ecar-clean", "ecar", REFERENCE)], paths,
+                   RESULTS / "diversity.png")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=("sample", "evaluate", "report"),
+                        default=["sample", "evaluate", "report"])
+    parser.add_argument("--root", default="outputs/headline")
+    parser.add_argument("--samples", type=int, default=headline.SCALES["full"].samples)
+    parser.add_argument("--actors", type=int, default=2)
+    args = parser.parse_args(argv)
+    paths = headline.Paths(root=args.root, manifest=storage.join(args.root, "latents"),
+                           tokenizer=storage.join(args.root, "tokenizer"))
+    variants = rows()
+    if "sample" in args.parts:
+        from ecar.runtime import init_ray
+
+        init_ray(None)
+        headline.sample_variants(variants, paths, args.samples, args.actors)
+        import ray
+
+        ray.shutdown()
+    if "evaluate" in args.parts:
+        headline.evaluate_variants(variants, paths, args.samples)
+    if "report" in args.parts:
+        report(variants, paths)
+        print((RESULTS / "diversity.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
