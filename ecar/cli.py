@@ -22,7 +22,7 @@ JOB_COMMANDS = {
     "sample": ("jobs.sample", "sample many images from an exported checkpoint into storage"),
     "evaluate": ("jobs.evaluate", "FID, precision/recall, FLOPs and latency of a sampling run"),
     "train": ("jobs.train", "train E-CAR or the flow-DiT on Ray Train + DeepSpeed from a latent data set"),
-    "tune": ("jobs.tune", "run a sweep from tune/ on Ray Tune (ASHA, MLflow parent/child runs, report)"),
+    "tune": ("jobs.tune", "run a named sweep on Ray Tune (ASHA, MLflow parent/child runs, report)"),
     "quickstart": ("jobs.quickstart", "the whole pipeline on Fashion-MNIST, end to end, on a local Ray cluster"),
 }
 

@@ -1,4 +1,4 @@
-"""Run a sweep from tune/ on Ray Tune: one MLflow parent run, a child run per trial, a report.
+"""Run a sweep from ecar/sweeps/definitions/ on Ray Tune: one MLflow parent run, a child run per trial, a report.
 
     python -m jobs.tune stages --manifest outputs/quickstart/latents --output outputs/sweeps \\
         --fid-images 500 --max-concurrent-trials 1 train.steps=300
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="ecar tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help=f"a sweep in tune/ ({', '.join(available_sweeps())})")
+    parser.add_argument("sweep", help=f"a sweep in ecar/sweeps/definitions/ ({', '.join(available_sweeps())})")
     parser.add_argument("--smoke-test", action="store_true",
                         help="2 trials of a few steps on the ecar-debug preset (synthetic latents if no --manifest)")
     parser.add_argument("--manifest", default="", help="training sweeps: the latent data set (default: data.manifest_uri)")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ecar.sweeps import load_sweep
-    from ecar.tuning import SweepOptions, run_sweep
+    from ecar.sweeps.runner import SweepOptions, run_sweep
 
     # intermixed: the overrides may follow options (`stages --fid-images 500 train.steps=200`)
     args = build_parser().parse_intermixed_args(argv)

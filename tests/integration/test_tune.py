@@ -11,7 +11,7 @@ from ray import tune
 
 from ecar.config import ConfigError
 from ecar.sweeps import Sweep
-from ecar.tuning import STOPPED_EARLY_TAG, SweepOptions, run_sweep
+from ecar.sweeps.runner import STOPPED_EARLY_TAG, SweepOptions, run_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -105,23 +105,23 @@ def grid_size(space: Space) -> int:
 
 
 def available_sweeps() -> list[str]:
-    """The names of the sweeps shipped in tune/."""
+    """The names of the sweeps shipped in ecar/sweeps/definitions/."""
     from pathlib import Path
 
-    import tune
+    from ecar.sweeps import definitions
 
-    return sorted(p.stem for p in Path(tune.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in Path(definitions.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
 
 
 def load_sweep(name: str) -> Sweep:
-    """The SWEEP defined in tune/NAME.py."""
+    """The SWEEP defined in ecar/sweeps/definitions/NAME.py."""
     try:
-        module = importlib.import_module(f"tune.{name}")
+        module = importlib.import_module(f"ecar.sweeps.definitions.{name}")
     except ModuleNotFoundError:
-        raise ConfigError(f"unknown sweep {name!r}: no tune/{name}.py (sweeps: {', '.join(available_sweeps())})") from None
+        raise ConfigError(f"unknown sweep {name!r}: no ecar/sweeps/definitions/{name}.py (sweeps: {', '.join(available_sweeps())})") from None
     sweep = getattr(module, "SWEEP", None)
     if not isinstance(sweep, Sweep):
-        raise ConfigError(f"tune/{name}.py defines no SWEEP = Sweep(...)")
+        raise ConfigError(f"ecar/sweeps/definitions/{name}.py defines no SWEEP = Sweep(...)")
     return sweep
 
 

@@ -1,0 +1,1 @@
+"""Sweep definitions, one file each: `ecar tune NAME` runs NAME.py's SWEEP."""
