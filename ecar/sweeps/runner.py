@@ -98,17 +98,17 @@ def training_trial(trial_space: dict[str, Any], *, base: dict[str, Any], source:
 
     from ecar.data.reader import latent_dataset
     from ecar.evaluation.evaluate import evaluate_checkpoint, sampling_cost
-    from ecar.train.trainer import LatentSource, fit
+    from ecar.train.trainer import ManifestSummary, fit
 
     overrides = trial_overrides(trial_space)
     config = Config.from_dict(base).override(overrides)
-    latent_source = LatentSource(**{**source, "latent_shape": tuple(source["latent_shape"]),
+    manifest_summary = ManifestSummary(**{**source, "latent_shape": tuple(source["latent_shape"]),
                                     "class_names": tuple(source["class_names"])})
     trial_id = tune.get_context().get_trial_id()
-    dataset = latent_dataset(latent_source.manifest_uri, "train", config.storage, seed=config.train.seed,
+    dataset = latent_dataset(manifest_summary.manifest_uri, "train", config.storage, seed=config.train.seed,
                              validate=False)
     tags = {"ecar.sweep": sweep_run, TRIAL_TAG: trial_id, "ecar.trial_overrides": json.dumps(overrides)}
-    result = fit(config, latent_source, dataset, f"{sweep_run}-{trial_id}", tracking_uri,
+    result = fit(config, manifest_summary, dataset, f"{sweep_run}-{trial_id}", tracking_uri,
                  parent_run_id=parent_run_id, tags=tags, callbacks=[TuneReportCallback()])
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     final["step"] = config.train.steps

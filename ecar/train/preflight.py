@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from ecar import storage
 from ecar.config import Config
 from ecar.log import get_logger
-from ecar.train.trainer import LatentSource
+from ecar.train.trainer import ManifestSummary
 
 log = get_logger(__name__)
 
@@ -70,7 +70,7 @@ def check_tracking(tracking_uri: str) -> None:
                              f"{getattr(error, 'reason', error)}") from None
 
 
-def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> LatentSource:
+def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> ManifestSummary:
     """Read and check the latent manifest against the config; the shard footers are checked
     too (cheap: no data pages), so a broken data set fails here, not inside a worker."""
     from ecar.data.manifest import read_manifest
@@ -103,7 +103,7 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> L
     validate_latents(manifest_uri, [split], config.storage, values=False)
     tokenizer = manifest.get("tokenizer") or {}
     val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
-    return LatentSource(
+    return ManifestSummary(
         manifest_uri=storage.absolute(manifest_uri),  # recorded in the export, read from anywhere
         latent_shape=tuple(manifest["latent_shape"]),
         latent_scale=float(manifest["latent_scale"]),
@@ -129,7 +129,7 @@ def _validation_rows(config: Config, manifest: dict, manifest_uri: str) -> tuple
     return (split, rows) if rows else ("", 0)
 
 
-def preflight(config: Config, manifest_uri: str, tracking_uri: str) -> LatentSource:
+def preflight(config: Config, manifest_uri: str, tracking_uri: str) -> ManifestSummary:
     """All checks, cheapest first. Config errors (unknown keys, bad values) were raised when the
     config was built; these are the checks that need storage and the manifest."""
     check_storage(config.storage.root, config, "storage.root", write=True)

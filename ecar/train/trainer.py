@@ -28,8 +28,9 @@ PREVIEW_SEED = 1234  # the same noise at every preview, so grids compare across 
 
 
 @dataclass(frozen=True)
-class LatentSource:
-    """What the workers need to know about the latent data, checked before they start."""
+class ManifestSummary:
+    """What the workers need to know about the latent data set: its manifest, read and checked
+    once per launch (preflight) before any worker starts."""
 
     manifest_uri: str
     latent_shape: tuple[int, int, int]  # (C, H, W)
@@ -66,7 +67,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     config = Config.from_dict(arguments["config"])
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
-    source = LatentSource(**{**arguments["source"], "latent_shape": tuple(arguments["source"]["latent_shape"]),
+    source = ManifestSummary(**{**arguments["source"], "latent_shape": tuple(arguments["source"]["latent_shape"]),
                              "class_names": tuple(arguments["source"]["class_names"])})
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -157,7 +158,7 @@ class Validator:
     set with fixed noise, so values compare across steps and across trials of a sweep. Each
     rank evaluates its equal slice of the set; the means are averaged over ranks."""
 
-    def __init__(self, config: Config, source: LatentSource, rank: int, world_size: int) -> None:
+    def __init__(self, config: Config, source: ManifestSummary, rank: int, world_size: int) -> None:
         self.config, self.source, self.rank = config, source, rank
         self.per_rank = source.val_rows // world_size
         self.batch = min(config.train.micro_batch_size, self.per_rank)
@@ -246,7 +247,7 @@ class Preview:
     `model.generate()`: one sample per class (up to 10), decoded with the data's tokenizer when
     the manifest names one, else the latents' first channels."""
 
-    def __init__(self, config: Config, source: LatentSource, rank: int) -> None:
+    def __init__(self, config: Config, source: ManifestSummary, rank: int) -> None:
         self.config, self.source = config, source
         self.model = None  # built on first use: a whole copy of the weights on rank 0
         self.decoder = _load_decoder(source.tokenizer_uri, config) if source.tokenizer_uri else None
@@ -309,7 +310,7 @@ def worker_env(config: Config) -> dict[str, str]:
 
 def fit(
     config: Config,
-    source: LatentSource,
+    source: ManifestSummary,
     dataset: Any,
     name: str,
     tracking_uri: str | None = None,
