@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -322,6 +323,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -338,9 +341,16 @@ def _split_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"{key}: cannot parse value {text!r}: {error}") from None
+    return key.strip(), _numbers(value)
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads "3e-4" as a string, also inside lists ([1e-1, 2]): such strings are numbers."""
     if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "3e-4" as a string
-    return key.strip(), value
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def _looks_numeric(text: str) -> bool:
@@ -360,6 +370,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node = node[part]
     if parts[-1] not in node:
         raise ConfigError(f"unknown config key {key}")
+    if isinstance(node[parts[-1]], dict):
+        # `train={}` would silently reset every key of the section to its default
+        raise ConfigError(f"{key}: is a section, not a value; override its keys one by one ({key}.KEY=VALUE)")
     node[parts[-1]] = value
 
 
@@ -425,6 +438,10 @@ def validate(config: Config) -> None:
 
     _check(train.steps > 0, "train.steps", "must be positive")
     _check(train.lr > 0, "train.lr", "must be positive")
+    _check(train.warmup_steps >= 0, "train.warmup_steps", "must be non-negative")
+    _check(train.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+    _check(train.grad_clip >= 0, "train.grad_clip", "must be non-negative (0: no clipping)")
+    _check(all(0.0 <= beta < 1.0 for beta in train.betas), "train.betas", f"{list(train.betas)} must lie in [0, 1)")
     _check(0 <= train.min_lr <= train.lr, "train.min_lr", "must lie in [0, train.lr]")
     _check(train.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{train.zero_stage} is not a ZeRO stage (0-3)")
     _check(0.0 <= train.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")

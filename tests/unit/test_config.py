@@ -85,3 +85,26 @@ def test_accumulation_steps_follow_global_batch():
     config = get_config("ecar-fmnist", ["train.global_batch_size=512", "train.micro_batch_size=64",
                                         "train.num_workers=2"])
     assert gradient_accumulation_steps(config.train) == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=inf", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.grad_clip=nan", "train.grad_clip"),
+    ("sampling.cfg_scale=inf", "sampling.cfg_scale"), ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.weight_decay=-0.1", "train.weight_decay"), ("train.betas=[1.5,2]", "train.betas"),
+    ("train.betas=[0.9,nan]", "train.betas[1]"), ("train.grad_clip=-1", "train.grad_clip"),
+])
+def test_non_finite_and_out_of_range_training_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        get_config("ecar-debug", [override])
+
+
+@pytest.mark.parametrize("override", ["train={}", "train={lr: 0.1}", "model=null"])
+def test_a_whole_section_cannot_be_replaced_by_one_override(override):
+    with pytest.raises(ConfigError, match="is a section"):
+        get_config("ecar-debug", [override])
+
+
+def test_exponent_notation_is_a_number_inside_lists_too():
+    config = get_config("ecar-debug", ["train.betas=[9e-1,999e-3]", "stages.window_edges=[0,3e-1,6e-1,1]"])
+    assert config.train.betas == pytest.approx((0.9, 0.999))
+    assert config.stages.window_edges == pytest.approx((0.0, 0.3, 0.6, 1.0))
