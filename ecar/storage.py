@@ -45,7 +45,16 @@ def with_absolute_root(config: Config) -> Config:
 
 
 def join(uri: str, *parts: str) -> str:
-    """`join("s3://b/p", "a", "x.json")` -> "s3://b/p/a/x.json"; local paths likewise."""
+    """`join("s3://b/p", "a", "x.json")` -> "s3://b/p/a/x.json"; local paths likewise.
+
+    Parts stay below `uri`: an absolute part or a `..` segment (a run name like "/etc/x", a shard
+    name in a tampered manifest) raises ValueError instead of steering reads and writes elsewhere.
+    """
+    for part in parts:
+        segments = part.replace("\\", "/").split("/")
+        if part.startswith(("/", "\\")) or "://" in part or ".." in segments:
+            raise ValueError(f"{part!r} would leave {uri}: names joined to a storage path must be relative, "
+                             "without '..'")
     if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return str(Path(uri.removeprefix("file://"), *parts))

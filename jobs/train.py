@@ -53,6 +53,8 @@ def train_job(config: Config, name: str, address: str | None = None, tracking_ur
     from ecar.train.preflight import preflight
     from ecar.train.trainer import fit
 
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"run name {name!r}: must be one folder name (no '/', not '.' or '..'), e.g. fmnist-a")
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     source = preflight(config, config.data.manifest_uri, tracking_uri)  # before any worker exists
     init_ray(address)

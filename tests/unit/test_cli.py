@@ -56,3 +56,25 @@ def test_unknown_sweep_is_a_user_error(capsys):
 def test_job_subcommands_show_their_own_help():
     result = subprocess.run([sys.executable, "-m", "ecar.cli", "sample", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--checkpoint" in result.stdout and "python -m jobs.sample" in result.stdout
+
+
+@pytest.mark.parametrize("part", ["/etc/x", "../x", "a/../../x", "s3://other/x"])
+def test_storage_join_refuses_parts_that_leave_the_root(part):
+    from ecar import storage
+
+    with pytest.raises(ValueError, match="would leave"):
+        storage.join("outputs/runs", part)
+    with pytest.raises(ValueError, match="would leave"):
+        storage.join("s3://bucket/prefix", part)
+    assert storage.join("s3://bucket/prefix", "a/b.json") == "s3://bucket/prefix/a/b.json"
+
+
+@pytest.mark.parametrize("name", ["/etc/x", "../escape", "a/b", ".."])
+def test_train_refuses_a_run_name_that_is_not_one_folder_before_anything_starts(name, tmp_path, capsys):
+    from jobs.train import main
+
+    code = main(["--preset", "ecar-debug", "--manifest", str(tmp_path / "none"), "--output", str(tmp_path),
+                 "--name", name])
+    assert code == 2
+    assert "run name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
