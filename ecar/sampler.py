@@ -165,7 +165,7 @@ def sample_to_storage(
     config = sampling_config(read_config(checkpoint_uri), overrides)  # fail before any actor starts
     plan = plan_shards(num_images, shard_size)
     metadata = read_metadata(checkpoint_uri)
-    identity = {"checkpoint_weights_sha256": metadata["weights_sha256"],
+    identity = {"checkpoint_sha256": metadata["content_sha256"],
                 "overrides": overrides, "labels": labels, "num_images": num_images, "shard_size": shard_size}
     storage.claim_output(output_uri, identity, "samples")
     done = existing_shards(output_uri)

@@ -1,0 +1,75 @@
+"""The exported checkpoint: weights and config are both hash-checked, missing keys are named."""
+
+import json
+
+import pytest
+import torch
+
+from ecar.export import load_exported, read_config, read_metadata, save_exported
+from ecar.models import build_model
+from ecar.presets import get_config
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def export(tmp_path):
+    config = get_config("ecar-debug")
+    torch.manual_seed(0)
+    uri = str(tmp_path / "export")
+    save_exported(build_model(config).state_dict(), config, uri, latent_scale=1.5, step=7)
+    return uri, config
+
+
+def test_an_export_round_trips_with_its_config_and_weights(export):
+    uri, config = export
+    loaded = load_exported(uri)
+    assert loaded.config == config and loaded.step == 7 and loaded.latent_scale == 1.5
+    torch.manual_seed(0)
+    for name, tensor in build_model(config).state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+def test_an_edited_config_that_still_fits_the_weights_is_refused(export):
+    uri, config = export
+    path = f"{uri}/config.json"
+    edited = json.loads(open(path).read())
+    edited["model"]["heads"] = 4  # width 64 splits into 4 heads as well: the weights would load
+    open(path, "w").write(json.dumps(edited, indent=2))
+    with pytest.raises(ValueError, match="config.json does not match the hash"):
+        read_config(uri)
+    with pytest.raises(ValueError, match="config.json does not match the hash"):
+        load_exported(uri)
+
+
+def test_changed_weights_are_refused(export):
+    uri, _ = export
+    path = f"{uri}/model.safetensors"
+    blob = bytearray(open(path, "rb").read())
+    blob[-1] ^= 0xFF
+    open(path, "wb").write(bytes(blob))
+    with pytest.raises(ValueError, match="model.safetensors does not match"):
+        load_exported(uri)
+
+
+@pytest.mark.parametrize("key", ["weights_sha256", "config_sha256", "latent_scale"])
+def test_export_json_missing_a_key_names_it(export, key):
+    uri, _ = export
+    path = f"{uri}/export.json"
+    metadata = json.loads(open(path).read())
+    del metadata[key]
+    open(path, "w").write(json.dumps(metadata))
+    with pytest.raises(ValueError, match=f"missing {key}"):
+        read_metadata(uri)
+
+
+def test_a_schema_1_export_loads_on_its_weights_hash(export):
+    uri, _ = export
+    path = f"{uri}/export.json"
+    metadata = json.loads(open(path).read())
+    for key in ("config_sha256", "content_sha256"):
+        del metadata[key]
+    metadata["schema_version"] = 1
+    open(path, "w").write(json.dumps(metadata))
+    assert read_metadata(uri)["content_sha256"] == metadata["weights_sha256"]
+    assert load_exported(uri).step == 7
