@@ -87,3 +87,27 @@ def test_entrypoints_name_existing_jobs_and_presets_and_no_hyperparameters():
         text = path.read_text()
         assert not re.search(r"\b(train|model|flow|stages|sampling)\.\w+=", text), path
         assert not re.search(r"\b0(\.0){3}\b", text), f"{path} binds to all interfaces"
+
+
+def test_the_image_build_context_leaves_out_outputs_databases_and_history():
+    """cluster/Dockerfile copies the repository root: .dockerignore must keep run outputs, MLflow
+    databases, git history and credentials out of the image."""
+    import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatch(prefix, pattern)
+                   or fnmatch.fnmatch(parts[-1], pattern.removeprefix("**/"))
+                   for pattern in patterns for prefix in prefixes)
+
+    for path in ["outputs/headline/mlflow.db", "mlflow.db", ".git/config", "outputs/runs/a/export/model.safetensors",
+                 "ecar/__pycache__/x.pyc", ".aws/credentials", ".env"]:
+        assert ignored(path), path
+    for path in ["ecar/models/ecar.py", "pyproject.toml", "jobs/train.py", "cluster/Dockerfile"]:
+        assert not ignored(path), path
