@@ -26,6 +26,7 @@ def test_kv_cache_sampling_equals_uncached_sampling(injection):
     cached = [r.end_state for r in model.iter_stages(labels(), generator=torch.Generator().manual_seed(3))]
     uncached = [r.end_state for r in model.iter_stages(labels(), generator=torch.Generator().manual_seed(3),
                                                         use_cache=False)]
+    assert len(cached) == len(uncached) == model.layout.num_stages
     for a, b in zip(cached, uncached):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -83,8 +84,42 @@ def test_loss_reports_total_and_every_stage():
     out = model.loss(latents, labels(4))
     assert set(out) == {"loss", "loss_stage0", "loss_stage1", "loss_stage2"}
     assert torch.isclose(out["loss"], (out["loss_stage0"] + out["loss_stage1"] + out["loss_stage2"]) / 3)
-    out["loss"].backward()
-    assert all(p.grad is not None for p in model.ar.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("next_input", ["noisy_end", "clean_estimate"])
+def test_the_ar_gets_the_true_loss_gradient_once_the_zero_initialised_layers_moved(next_input):
+    """At initialisation the AR's gradients are exactly zero: the flow reads its condition
+    through zero-initialised layers. After three optimiser steps every AR parameter has a
+    gradient, and it is the loss's: a step along it changes the loss by its norm (central
+    difference, float64). A detached AR output leaves no gradient at all."""
+    model = tiny([f"model.ar_next_input={next_input}"]).train().double()
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss():
+        return model.loss(latents, labels(4), torch.Generator().manual_seed(2))["loss"]  # fixed draws
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    loss().backward()
+    named = list(model.ar.named_parameters())
+    silent = [name for name, p in named if p.grad is None or not p.grad.abs().max() > 0]
+    assert named and not silent, f"AR parameters without a gradient: {silent}"
+    parameters = [p for _, p in named]
+    gradients = [p.grad.clone() for p in parameters]
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in gradients))
+    h = 1e-4
+    with torch.no_grad():
+        for p, g in zip(parameters, gradients):
+            p.add_(h * g / norm)
+        up = loss()
+        for p, g in zip(parameters, gradients):
+            p.sub_(2 * h * g / norm)
+        down = loss()
+    assert ((up - down) / (2 * h)).item() == pytest.approx(norm.item(), rel=1e-4)
 
 
 def test_full_window_variant_trains_and_samples():
