@@ -58,8 +58,8 @@ def train_job(config: Config, name: str, address: str | None = None, tracking_ur
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     source = preflight(config, config.data.manifest_uri, tracking_uri)  # before any worker exists
     init_ray(address)
-    dataset = latent_dataset(source.manifest_uri, "train", config.storage, seed=config.train.seed,
-                             validate=False)  # preflight checked the footers already
+    dataset = latent_dataset(source.manifest, "train", config.storage, seed=config.train.seed,
+                             validate=False)  # preflight read the manifest and checked the footers
     return fit(config, source, dataset, name, tracking_uri)
 
 

@@ -46,16 +46,22 @@ def _latent_columns(manifest: dict[str, Any]) -> list[str]:
     return ["latent", "latent_flip"] if manifest["flip_augment"] else ["latent"]
 
 
-def validate_latents(uri: str, splits: list[str] | None = None, storage_config: StorageConfig | None = None,
-                     values: bool = True) -> dict[str, Any]:
+def as_manifest(manifest: str | dict[str, Any], storage_config: StorageConfig | None = None) -> dict[str, Any]:
+    """A manifest already read (a dict, passed through), or read from its prefix or URI."""
+    return manifest if isinstance(manifest, dict) else read_manifest(manifest, storage_config)
+
+
+def validate_latents(uri: str | dict[str, Any], splits: list[str] | None = None,
+                     storage_config: StorageConfig | None = None, values: bool = True) -> dict[str, Any]:
     """Check every shard of `splits` (default: all) against the manifest; returns the manifest.
 
     Footer checks (cheap): the file exists, its row count is the manifest's, `latent` (and
     `latent_flip`) is a fixed-size list of float32 of length C*h*w, `label` is int64. With
     `values`: no NaN/Inf latents, labels in [0, num_classes). The first violation raises
-    LatentValidationError naming the file and, for value errors, the row.
+    LatentValidationError naming the file and, for value errors, the row. `uri` may be the
+    manifest already read.
     """
-    manifest = read_manifest(uri, storage_config)
+    manifest = as_manifest(uri, storage_config)
     dim = int(np.prod(manifest["latent_shape"]))
     for split in splits or list(manifest["splits"]):
         for shard, file in zip(manifest["splits"][split]["shards"], shard_uris(manifest, split)):
@@ -116,18 +122,18 @@ def _to_tensors(shape: list[int], scale: float, flip: bool, keep_ids: bool):
     return convert
 
 
-def latent_dataset(uri: str, split: str = "train", storage_config: StorageConfig | None = None,
+def latent_dataset(uri: str | dict[str, Any], split: str = "train", storage_config: StorageConfig | None = None,
                    seed: int | None = None, scaled: bool = True, flip: str = "random",
                    keep_ids: bool = False, validate: bool = True):
     """A streaming Ray Dataset over the latents of `split` (layout in the module docstring).
 
-    `uri`: the latent prefix or its manifest.json. `seed` fixes the file order (None: a fresh
+    `uri`: the latent prefix, its manifest.json or the manifest already read. `seed` fixes the file order (None: a fresh
     order each call). `flip="none"` ignores stored mirror latents.
     `validate` runs the footer checks of `validate_latents` first (not the value scan).
     """
     import ray
 
-    manifest = validate_latents(uri, [split], storage_config, values=False) if validate else read_manifest(uri, storage_config)
+    manifest = validate_latents(uri, [split], storage_config, values=False) if validate else as_manifest(uri, storage_config)
     files = shard_uris(manifest, split)
     filesystem, _ = storage.arrow_fs(files[0] if files else manifest["prefix"], storage_config)
     paths = [storage.arrow_fs(f, storage_config)[1] for f in files]
@@ -167,11 +173,11 @@ def torch_batches(dataset, batch_size: int, shuffle_buffer_rows: int, seed: int 
         yield {"latent": latent, "label": batch["label"]}
 
 
-def read_latents(uri: str, split: str, rows: int, storage_config: StorageConfig | None = None,
+def read_latents(uri: str | dict[str, Any], split: str, rows: int, storage_config: StorageConfig | None = None,
                  scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `rows` latents of `split` in shard order, in memory: ((N, C, h, w) float32,
     (N,) int64). For small fixed sets such as the validation latents; never mirrored."""
-    manifest = read_manifest(uri, storage_config)
+    manifest = as_manifest(uri, storage_config)
     shape, scale = manifest["latent_shape"], manifest["latent_scale"] if scaled else 1.0
     latents, labels, have = [], [], 0
     for file in shard_uris(manifest, split):

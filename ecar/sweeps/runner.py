@@ -102,10 +102,9 @@ def training_trial(trial_space: dict[str, Any], *, base: dict[str, Any], source:
 
     overrides = trial_overrides(trial_space)
     config = Config.from_dict(base).override(overrides)
-    manifest_summary = ManifestSummary(**{**source, "latent_shape": tuple(source["latent_shape"]),
-                                    "class_names": tuple(source["class_names"])})
+    manifest_summary = ManifestSummary.from_dict(source)
     trial_id = tune.get_context().get_trial_id()
-    dataset = latent_dataset(manifest_summary.manifest_uri, "train", config.storage, seed=config.train.seed,
+    dataset = latent_dataset(manifest_summary.manifest, "train", config.storage, seed=config.train.seed,
                              validate=False)
     tags = {"ecar.sweep": sweep_run, TRIAL_TAG: trial_id, "ecar.trial_overrides": json.dumps(overrides)}
     result = fit(config, manifest_summary, dataset, f"{sweep_run}-{trial_id}", tracking_uri,

@@ -3,8 +3,9 @@ non-finite-loss guard and throughput meters.
 
 The loop talks to a `Backend` (forward, backward, optimizer step, collectives). `TorchBackend`
 here is a single-process AdamW (unit tests, debugging); `ecar.train.engine.DeepSpeedBackend`
-is the distributed one. Checkpointing, logging and previews are the caller's `on_step`
-callback, called on every rank at the same steps so that it may run collectives.
+is the distributed one. `Cadence` decides when logging, evaluation, checkpoints and previews
+are due; the caller's `on_step` callback does them, on every rank at the same steps so that it
+may run collectives.
 """
 
 from __future__ import annotations
@@ -184,7 +185,41 @@ class DataStream:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-StepCallback = Callable[[TrainState, "dict[str, float] | None"], None]
+@dataclass(frozen=True)
+class Due:
+    """What is due after one optimizer step."""
+
+    log: bool  # window metrics are handed over
+    evaluate: bool  # the held-out loss (at checkpoints too)
+    checkpoint: bool
+    preview: bool  # a sample grid from the EMA weights
+    final: bool
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a run logs, evaluates, checkpoints and previews: every timing decision in one place."""
+
+    steps: int
+    log_every: int
+    eval_every: int  # 0: evaluate at checkpoints only
+    checkpoint_every: int
+    preview_every: int
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> "Cadence":
+        return cls(train.steps, train.log_every, train.eval_every, train.checkpoint_every, train.sample_every)
+
+    def due(self, step: int) -> Due:
+        final = step == self.steps
+        checkpoint = step % self.checkpoint_every == 0 or final
+        evaluate = bool(self.eval_every) and step % self.eval_every == 0
+        return Due(log=step % self.log_every == 0 or final, evaluate=evaluate or checkpoint,
+                   checkpoint=checkpoint, preview=step % self.preview_every == 0, final=final)
+
+
+# on_step(state, due, metrics): metrics (window means) exactly when due.log, else None
+StepCallback = Callable[[TrainState, Due, "dict[str, float] | None"], None]
 
 
 def train(
@@ -197,11 +232,12 @@ def train(
 ) -> TrainState:
     """Run optimizer steps from `state.step` to `config.train.steps`.
 
-    Every `log_every` steps `on_step` receives window means (loss and per-stage losses averaged
-    over ranks; grad norm, lr, and this worker's samples/s, tokens/s and data-wait fraction);
-    otherwise it receives None. It is called after the EMA update of every step.
+    After the EMA update of every step `on_step` receives what is `Due` (`Cadence`) and, when
+    logging is due, the window means (loss and per-stage losses averaged over ranks; grad norm,
+    lr, and this worker's samples/s, tokens/s and data-wait fraction), else None.
     """
     train_config = config.train
+    cadence = Cadence.from_config(train_config)
     accumulation = gradient_accumulation_steps(train_config, backend.world_size)
     tokens_per_sample = StageLayout.from_config(config).total_tokens
     stream = DataStream(open_epoch, state)
@@ -235,12 +271,12 @@ def train(
         if grad_norm is not None:
             meter.grad_norm += grad_norm
             meter.grad_norm_steps += 1
-        metrics = None
-        if state.step % train_config.log_every == 0 or state.step == train_config.steps:
+        due, metrics = cadence.due(state.step), None
+        if due.log:
             metrics = _window_metrics(backend, meter, lr, tokens_per_sample, state)
             meter = Meter()
         if on_step is not None:
-            on_step(state, metrics)
+            on_step(state, due, metrics)
     return state
 
 

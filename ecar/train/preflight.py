@@ -100,8 +100,7 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
     if rows < needed:
         raise PreflightError(f"train.micro_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one "
                              f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers")
-    validate_latents(manifest_uri, [split], config.storage, values=False)
-    tokenizer = manifest.get("tokenizer") or {}
+    validate_latents(manifest, [split], config.storage, values=False)
     val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
     return ManifestSummary(
         manifest_uri=storage.absolute(manifest_uri),  # recorded in the export, read from anywhere
@@ -109,10 +108,9 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
         latent_scale=float(manifest["latent_scale"]),
         num_rows=rows,
         class_names=tuple(manifest.get("class_names") or ()),
-        # only ecar's own KL-VAE is loadable by URI inside a worker
-        tokenizer_uri=tokenizer.get("uri", "") if tokenizer.get("kind") == "kl_vae" else "",
         val_split=val_split,
         val_rows=val_rows,
+        manifest=manifest,
     )
 
 

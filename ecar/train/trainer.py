@@ -24,7 +24,6 @@ from ecar.log import get_logger
 log = get_logger(__name__)
 
 DATASET_NAME = "train"
-PREVIEW_SEED = 1234  # the same noise at every preview, so grids compare across steps
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,15 @@ class ManifestSummary:
     latent_scale: float  # stored latents are scale * E(x); decode latents / scale
     num_rows: int
     class_names: tuple[str, ...] = ()
-    tokenizer_uri: str = ""  # a trained tokenizer for decoding previews, if the data names one
     val_split: str = ""  # held-out split for the validation loss ("": none)
     val_rows: int = 0  # how many of its rows (an equal share per worker)
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)  # as read: nobody reads it again
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ManifestSummary":
+        """The inverse of dataclasses.asdict (JSON-safe through Ray: tuples come back as lists)."""
+        return cls(**{**values, "latent_shape": tuple(values["latent_shape"]),
+                      "class_names": tuple(values["class_names"])})
 
 
 def run_uri(config: Config, name: str) -> str:
@@ -58,233 +63,124 @@ def train_worker(arguments: dict[str, Any]) -> None:
 
     from ecar.data.reader import torch_batches
     from ecar.models import build_model
-    from ecar.train import checkpoint as ckpt
     from ecar.train.ema import EMA
     from ecar.train.engine import DeepSpeedBackend
-    from ecar.train.loop import TrainState, train
-    from ecar.train.tracking import RankZeroTracker
+    from ecar.train.loop import train
 
     config = Config.from_dict(arguments["config"])
+    data = ManifestSummary.from_dict(arguments["data"])
     if config.train.torch_threads:
         torch.set_num_threads(config.train.torch_threads)
-    source = ManifestSummary(**{**arguments["source"], "latent_shape": tuple(arguments["source"]["latent_shape"]),
-                             "class_names": tuple(arguments["source"]["class_names"])})
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
-    memory = PeakMemory()
-    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
-    model = build_model(config)
-    backend = DeepSpeedBackend(model, config, device)
-    ema = EMA(backend.ema_sources(), config.train.ema_decay)
-    tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
-    info = ckpt.RunInfo(world_size=world_size, zero_stage=config.train.zero_stage,
-                        manifest_uri=source.manifest_uri, mlflow_run_id=arguments["mlflow_run_id"])
 
-    state = TrainState()
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            directory = Path(directory)
-            state, saved = ckpt.read_state(directory)
-            ckpt.check_compatible(saved, world_size, config.train.zero_stage)
-            backend.load(directory)
-            ema.load_state_dict(ckpt.read_ema(directory, config.train.zero_stage, rank))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", restored.path, state.step,
-                 state.epoch, state.batches_in_epoch)
-        tracker.log_metrics(state.step, {"resumed_at_step": float(state.step)})
-        tracker.log_text(f"{restored.path}\n", f"resumes/step_{state.step:08d}.txt")
+    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
+    backend = DeepSpeedBackend(build_model(config), config, device)
+    ema = EMA(backend.ema_sources(), config.train.ema_decay)
+    events = RunEvents(config, data, backend, ema, arguments, rank, context.get_world_size())
+    state = events.restore(ray.train.get_checkpoint())
 
     shard = ray.train.get_dataset_shard(DATASET_NAME)
-    shape = source.latent_shape
 
     def open_epoch(epoch: int):
         # Seeded by epoch: the same order and mirror choices whenever an epoch is replayed after
         # a restart, other ones in the next epoch.
         for batch in torch_batches(shard, config.train.micro_batch_size, config.data.shuffle_buffer_rows,
                                    config.train.seed, epoch=epoch, rank=rank, prefetch_batches=2):
-            yield batch["latent"].reshape(-1, *shape), batch["label"]
+            yield batch["latent"].reshape(-1, *data.latent_shape), batch["label"]
 
-    preview = Preview(config, source, rank) if rank == 0 else None
-    validator = Validator(config, source, rank, world_size) if source.val_rows else None
-    last_metrics: dict[str, float] = {}
+    events.memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
+    train(backend, config, open_epoch, state, ema, events)
+    events.finish(state)
 
-    def on_step(state: TrainState, metrics: dict[str, float] | None) -> None:
-        final = state.step == config.train.steps
+
+class RunEvents:
+    """A worker's side of the run outside the loop: resume from a checkpoint, then after each
+    step do what the loop's `Cadence` says is due (log, preview, evaluate, checkpoint and report
+    to Ray Train), and at the end log peak memory and export the EMA weights. Every rank calls
+    each method at the same steps: previews, evaluation and reports are collectives."""
+
+    def __init__(self, config: Config, data: ManifestSummary, backend: Any, ema: Any, arguments: dict[str, Any],
+                 rank: int, world_size: int) -> None:
+        from ecar.train import checkpoint as ckpt
+        from ecar.train.monitors import PeakMemory, Preview, Validator
+        from ecar.train.tracking import RankZeroTracker
+
+        self.config, self.data, self.backend, self.ema, self.rank = config, data, backend, ema, rank
+        self.export_uri, self.mlflow_run_id = arguments["export_uri"], arguments["mlflow_run_id"]
+        self.tracker = RankZeroTracker(arguments["tracking_uri"], self.mlflow_run_id, rank)
+        self.info = ckpt.RunInfo(world_size=world_size, zero_stage=config.train.zero_stage,
+                                 manifest_uri=data.manifest_uri, mlflow_run_id=self.mlflow_run_id)
+        self.memory = PeakMemory()
+        self.preview = Preview(config, data, rank) if rank == 0 else None
+        self.validator = Validator(config, data, rank, world_size) if data.val_rows else None
+        self.last_metrics: dict[str, float] = {}
+
+    def restore(self, checkpoint: Any) -> Any:
+        """The TrainState to start from: fresh, or the latest checkpoint's (weights, optimizer,
+        EMA, step and data position restored)."""
+        from ecar.train import checkpoint as ckpt
+        from ecar.train.loop import TrainState
+
+        if checkpoint is None:
+            return TrainState()
+        with checkpoint.as_directory() as directory:
+            directory = Path(directory)
+            state, saved = ckpt.read_state(directory)
+            ckpt.check_compatible(saved, self.info.world_size, self.config.train.zero_stage)
+            self.backend.load(directory)
+            self.ema.load_state_dict(ckpt.read_ema(directory, self.config.train.zero_stage, self.rank))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint.path, state.step, state.epoch,
+                 state.batches_in_epoch)
+        self.tracker.log_metrics(state.step, {"resumed_at_step": float(state.step)})
+        self.tracker.log_text(f"{checkpoint.path}\n", f"resumes/step_{state.step:08d}.txt")
+        return state
+
+    def __call__(self, state: Any, due: Any, metrics: dict[str, float] | None) -> None:
+        import ray.train
+
+        from ecar.train import checkpoint as ckpt
+
         if metrics is not None:
-            last_metrics.update(metrics)
-            tracker.log_metrics(state.step, metrics)
-        memory.sample()
-        if state.step % config.train.sample_every == 0:
-            whole = backend.gather(ema.shadow)  # a collective: every rank takes part
-            if preview is not None:
-                tracker.log_figure(preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
-        save = state.step % config.train.checkpoint_every == 0 or final
-        validate = bool(config.train.eval_every) and state.step % config.train.eval_every == 0
-        if validator is not None and (save or validate):
-            values = validator(backend)  # a collective under ZeRO-3: every rank takes part
-            last_metrics.update(values)
-            tracker.log_metrics(state.step, values)
+            self.last_metrics.update(metrics)
+            self.tracker.log_metrics(state.step, metrics)
+        self.memory.sample()
+        if due.preview:
+            whole = self.backend.gather(self.ema.shadow)  # a collective: every rank takes part
+            if self.preview is not None:
+                self.tracker.log_figure(self.preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
+        if due.evaluate and self.validator is not None:
+            values = self.validator(self.backend)  # a collective under ZeRO-3: every rank takes part
+            self.last_metrics.update(values)
+            self.tracker.log_metrics(state.step, values)
         # Every report carries the validation metrics, so Tune's scheduler sees them at each one.
-        report = {"step": state.step, **{k: v for k, v in last_metrics.items() if k.startswith(("loss", "val_"))}}
-        if save:
+        report = {"step": state.step, **{k: v for k, v in self.last_metrics.items() if k.startswith(("loss", "val_"))}}
+        if due.checkpoint:
             with tempfile.TemporaryDirectory(prefix="ecar-ckpt-") as directory:
-                backend.save(Path(directory))
-                ckpt.save_local(Path(directory), state, ema.state_dict(), info, config, rank)
+                self.backend.save(Path(directory))
+                ckpt.save_local(Path(directory), state, self.ema.state_dict(), self.info, self.config, self.rank)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"checkpoint_{state.step:08d}")
-        elif validate:
+        elif due.evaluate:
             ray.train.report(report)  # a barrier too: every rank reports at the same steps
-        memory.reset()
+        self.memory.reset()
 
-    memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
-    train(backend, config, open_epoch, state, ema, on_step)
-    tracker.log_metrics(state.step, memory.metrics(device, backend.state_bytes(list(ema.shadow.values()))))
-
-    whole = backend.gather(ema.shadow)
-    if rank == 0:
+    def finish(self, state: Any) -> None:
+        """Peak memory to MLflow, then the consolidated EMA weights exported by rank 0."""
         from ecar.export import save_exported
-
-        full = build_model(config).state_dict()
-        full.update(whole)
-        uri = arguments["export_uri"]
-        save_exported(full, config, uri, latent_scale=source.latent_scale,
-                      manifest_uri=source.manifest_uri, step=state.step, mlflow_run_id=arguments["mlflow_run_id"])
-        log.info("exported the EMA weights at step %d to %s", state.step, uri)
-
-
-class Validator:
-    """The flow-matching loss (total and per stage) of the current weights on a fixed held-out
-    set with fixed noise, so values compare across steps and across trials of a sweep. Each
-    rank evaluates its equal slice of the set; the means are averaged over ranks."""
-
-    def __init__(self, config: Config, source: ManifestSummary, rank: int, world_size: int) -> None:
-        self.config, self.source, self.rank = config, source, rank
-        self.per_rank = source.val_rows // world_size
-        self.batch = min(config.train.micro_batch_size, self.per_rank)
-        self.data: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ecar.data.reader import read_latents
-
-        if self.data is None:
-            latents, labels = read_latents(self.source.manifest_uri, self.source.val_split, self.source.val_rows,
-                                           self.config.storage)
-            part = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-            self.data = latents[part], labels[part]
-        return self.data
-
-    @torch.no_grad()
-    def __call__(self, backend) -> dict[str, float]:
-        from ecar.seeds import derived_seed
-
-        latents, labels = self._load()
-        sums: dict[str, float] = {}
-        batches = self.per_rank // self.batch
-        for index in range(batches):
-            part = slice(index * self.batch, (index + 1) * self.batch)
-            generator = torch.Generator(device=backend.device)
-            # the same draws at every evaluation: a function of the seed and the row position only
-            generator.manual_seed(derived_seed(self.config.train.seed, -1, index, self.rank))
-            losses = backend.forward(latents[part].to(backend.device, backend.dtype),
-                                     labels[part].to(backend.device), generator)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / batches
-        keys = sorted(sums)
-        return {f"val_{key}": value for key, value in zip(keys, backend.mean([sums[k] for k in keys]))}
-
-
-class PeakMemory:
-    """Peak resident memory of this worker during training steps, leaving out checkpoint
-    writes and previews (which copy whole tensors once in a while): the kernel's high-water mark
-    (VmHWM) is read before each of those and reset after them (/proc/self/clear_refs)."""
-
-    def __init__(self) -> None:
-        self.baseline = self._read("VmRSS")  # imports done, no model yet
-        self.peak = 0
-
-    @staticmethod
-    def _read(field: str) -> int:
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def sample(self) -> None:
-        self.peak = max(self.peak, self._read("VmHWM"))
-
-    def reset(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # resets VmHWM to the current RSS
-        except OSError:
-            pass
-
-    def metrics(self, device: torch.device, state_bytes: int) -> dict[str, float]:
-        """Maxima over workers, in MiB (a collective: every rank calls it): peak RSS during
-        training steps, its growth over the imports-only baseline, and the bytes of the model
-        state (weights, optimizer, EMA) the worker holds between steps."""
-        import torch.distributed as dist
-
-        self.sample()
-        values = torch.tensor([self.peak, self.peak - self.baseline, state_bytes], dtype=torch.float64,
-                              device=device)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        metrics = {"peak_rss_mib_max_worker": values[0].item() / 2**20,
-                   "peak_rss_growth_mib_max_worker": values[1].item() / 2**20,
-                   "model_state_mib_max_worker": values[2].item() / 2**20}
-        if device.type == "cuda":
-            metrics["peak_gpu_mib_this_worker"] = torch.cuda.max_memory_allocated(device) / 2**20
-        return metrics
-
-
-class Preview:
-    """Sample grids on rank 0 from the consolidated EMA weights, through the shared
-    `model.generate()`: one sample per class (up to 10), decoded with the data's tokenizer when
-    the manifest names one, else the latents' first channels."""
-
-    def __init__(self, config: Config, source: ManifestSummary, rank: int) -> None:
-        self.config, self.source = config, source
-        self.model = None  # built on first use: a whole copy of the weights on rank 0
-        self.decoder = _load_decoder(source.tokenizer_uri, config) if source.tokenizer_uri else None
-        classes = min(config.model.num_classes, 10)
-        self.labels = torch.arange(classes)
-
-    @torch.no_grad()
-    def figure(self, ema_weights: dict[str, torch.Tensor], step: int):
         from ecar.models import build_model
-        from ecar.train.tracking import sample_grid
 
-        if self.model is None:
-            self.model = build_model(self.config).eval()
-        state = self.model.state_dict()
-        state.update(ema_weights)
-        self.model.load_state_dict(state)
-        generator = torch.Generator().manual_seed(PREVIEW_SEED)
-        latents = self.model.generate(self.labels, generator=generator)
-        if self.decoder is not None:
-            images, what = self.decoder(latents / self.source.latent_scale), "decoded by the tokenizer"
-        else:
-            images, what = latents, "latent channels 0-2 (no tokenizer to decode)"
-        return sample_grid(images, self.labels, f"EMA samples, step {step}: {what}",
-                           list(self.source.class_names) or None)
-
-
-def _load_decoder(tokenizer_uri: str, config: Config):
-    """The tokenizer's decoder, or None (with a warning) if it cannot be loaded: previews must
-    never stop training."""
-    try:
-        from ecar.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(config.override({"tokenizer.checkpoint_uri": tokenizer_uri})).model
-        return lambda latents: tokenizer.decode(latents).clamp(-1.0, 1.0)
-    except Exception as error:  # noqa: BLE001 - any failure falls back to showing latents
-        log.warning("previews show latents: cannot load the tokenizer at %s (%s)", tokenizer_uri, error)
-        return None
+        device = self.backend.device
+        self.tracker.log_metrics(state.step, self.memory.metrics(device, self.backend.state_bytes(
+            list(self.ema.shadow.values()))))
+        whole = self.backend.gather(self.ema.shadow)
+        if self.rank == 0:
+            full = build_model(self.config).state_dict()
+            full.update(whole)
+            save_exported(full, self.config, self.export_uri, latent_scale=self.data.latent_scale,
+                          manifest_uri=self.data.manifest_uri, step=state.step, mlflow_run_id=self.mlflow_run_id)
+            log.info("exported the EMA weights at step %d to %s", state.step, self.export_uri)
 
 
 # ----- on the driver --------------------------------------------------------------------------
@@ -350,7 +246,7 @@ def fit(
         train_worker,
         train_loop_config={
             "config": config.to_dict(),
-            "source": dataclasses.asdict(source),
+            "data": dataclasses.asdict(source),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "export_uri": export_uri(config, name),

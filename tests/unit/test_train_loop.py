@@ -49,7 +49,7 @@ def _run(config, state=None, open_epoch=None, steps=None, model_seed=0, backend_
         ema.load_state_dict(backend_state["ema"])
     logged = []
     state = train(backend, config, open_epoch or _data(), state or TrainState(), ema,
-                  on_step=lambda s, m: logged.append((s.step, m)))
+                  on_step=lambda s, due, m: logged.append((s.step, m)))
     return backend, ema, state, logged
 
 
@@ -181,7 +181,7 @@ def test_activation_checkpointing_keeps_loss_gradients_and_parameter_names():
 def test_validation_loss_is_fixed_for_fixed_weights_and_falls_with_training(tmp_path):
     from ecar.train.preflight import prepare_source
     from ecar.train.synthetic import write_synthetic_latents
-    from ecar.train.trainer import Validator
+    from ecar.train.monitors import Validator
 
     config = _config("train.steps=30", "train.lr=3e-3", "train.val_rows=32")
     latents = write_synthetic_latents(str(tmp_path / "latents"), rows=64, shards=2, test_rows=40)
