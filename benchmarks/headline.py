@@ -170,7 +170,7 @@ def prepare_data(config: Config, paths: Paths, scale: Scale) -> None:
     """Images, tokenizer and latents; each is skipped when already there (or given)."""
     from ecar.data.encode import encode_latents
     from ecar.data.prepare import prepare_images
-    from ecar.tokenizer.train import train_tokenizer
+    from ecar.train.tokenizer import train_tokenizer
 
     if storage.exists(storage.join(paths.manifest, "manifest.json"), config.storage):
         log.info("data: latents already at %s", paths.manifest)
@@ -284,7 +284,7 @@ def floors(paths: Paths, num_images: int, config: Config) -> None:
     from ecar.evaluation.classifier import classifier_probabilities
     from ecar.evaluation.fid import inception_features
     from ecar.tokenizer import load_tokenizer
-    from ecar.tokenizer.train import reconstruct
+    from ecar.tokenizer.vae import reconstruct
 
     real = reference_features(paths.manifest, "test", num_images, config)
     real_probabilities = reference_probabilities(paths.manifest, "test", num_images, config)

@@ -83,12 +83,9 @@ def tokenizer_decoder(exported: Exported, device: torch.device) -> Decoder | Non
     if not exported.manifest_uri:
         return None
     from ecar.data.manifest import read_manifest
-    from ecar.tokenizer import load_tokenizer
+    from ecar.tokenizer import decoder_for_manifest
 
-    identity = read_manifest(exported.manifest_uri, exported.config.storage)["tokenizer"]
-    config = exported.config.override({"tokenizer.kind": identity["kind"], "tokenizer.checkpoint_uri": identity["uri"]})
-    tokenizer = load_tokenizer(config).model.to(device)
-    return tokenizer.decode
+    return decoder_for_manifest(read_manifest(exported.manifest_uri, exported.config.storage), exported.config, device)
 
 
 class ShardSampler:

@@ -116,7 +116,7 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
     from ecar.runtime import init_ray
     from ecar.sampler import sample_to_storage
-    from ecar.tokenizer.train import train_tokenizer
+    from ecar.train.tokenizer import train_tokenizer
     from ecar.tracking import resolve_tracking_uri
     from jobs.train import train_job
 

@@ -17,7 +17,7 @@ from jobs._common import base_parser, log_to_mlflow, run
 
 def work(args: argparse.Namespace, config: Config) -> str:
     from ecar.data.prepare import read_images_manifest
-    from ecar.tokenizer.train import train_tokenizer
+    from ecar.train.tokenizer import train_tokenizer
 
     images = args.images or config.data.images_uri
     output = args.output or config.tokenizer.checkpoint_uri

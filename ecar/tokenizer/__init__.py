@@ -7,8 +7,9 @@ Every tokenizer offers `encode(images (B, C_img, H, W) in [-1, 1]) -> (B, C_lat,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ecar.config import Config, ConfigError
@@ -47,3 +48,21 @@ def load_tokenizer(config: Config) -> LoadedTokenizer:
         raise ConfigError(f"model.latent_channels: {config.model.latent_channels} but the tokenizer at {uri} "
                           f"makes {channels}-channel latents")
     return LoadedTokenizer(model.eval(), identity)
+
+
+def decoder_for_manifest(manifest: dict[str, Any], config: Config,
+                         device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The decoder (unscaled latents -> images) of the tokenizer that made a latent data set, as
+    its manifest records it (ecar's KL-VAE or a diffusers VAE); None when the manifest names no
+    tokenizer (synthetic latents). The tokenizer found must be the one recorded: a different
+    hash raises ValueError, since its images would silently belong to other latents."""
+    recorded = manifest.get("tokenizer") or {}
+    if recorded.get("kind") not in ("kl_vae", "diffusers") or not recorded.get("uri"):
+        return None
+    tokenizer = load_tokenizer(config.override({"tokenizer.kind": recorded["kind"],
+                                                "tokenizer.checkpoint_uri": recorded["uri"]}))
+    if recorded.get("sha256") and tokenizer.identity.get("sha256") != recorded["sha256"]:
+        raise ValueError(f"the tokenizer at {recorded['uri']} is not the one that encoded "
+                         f"{manifest.get('prefix', 'these latents')} (sha256 {tokenizer.identity.get('sha256')}, "
+                         f"the manifest records {recorded['sha256']}): decoding would show other images")
+    return tokenizer.model.to(device).decode

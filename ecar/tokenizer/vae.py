@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecar.config import Config
+
 
 @dataclass(frozen=True)
 class VAEShape:
@@ -129,6 +131,26 @@ class KLVAE(nn.Module):
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
         return self.decode(z), kl
+
+
+def vae_shape(config: Config) -> VAEShape:
+    """The KL-VAE shape a config asks for: image channels and size from `data`, latent channels
+    and size from `model`, width and depth from `tokenizer`."""
+    return VAEShape(image_channels=config.data.image_channels, latent_channels=config.model.latent_channels,
+                    width=config.tokenizer.width, downsample_factor=config.data.image_size // config.model.latent_size,
+                    res_blocks=config.tokenizer.res_blocks)
+
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, images_BCHW: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """encode -> decode, clamped and quantised to 8 bits as a saved image would be."""
+    outputs = []
+    for start in range(0, images_BCHW.shape[0], batch_size):
+        out = model.decode(model.encode(images_BCHW[start:start + batch_size])).clamp(-1, 1)
+        outputs.append(((out + 1) * 127.5).round() / 127.5 - 1)
+    return torch.cat(outputs)
+
 
 
 # ----- checkpoint: safetensors weights + JSON description ----------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -33,15 +32,10 @@ from ecar.config import Config, ConfigError
 from ecar.data.prepare import decode_pngs, image_shard_uris, read_image_split, read_images_manifest
 from ecar.log import get_logger
 from ecar.progress import worker_progress
-from ecar.tokenizer.vae import KLVAE, VAEShape, load_vae, save_vae
+from ecar.tokenizer.vae import KLVAE, load_vae, reconstruct, save_vae, vae_shape
+from ecar.train.schedule import cosine_lr
 
 log = get_logger(__name__)
-
-
-def vae_shape(config: Config) -> VAEShape:
-    return VAEShape(image_channels=config.data.image_channels, latent_channels=config.model.latent_channels,
-                    width=config.tokenizer.width, downsample_factor=config.data.image_size // config.model.latent_size,
-                    res_blocks=config.tokenizer.res_blocks)
 
 
 # ----- the perceptual term ---------------------------------------------------------------------
@@ -99,13 +93,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(KLVAE(vae_shape(config)))
     raw = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tok.lr, weight_decay=0.0)
-    # cosine decay to 10% of the peak after a short warm-up
+    # the schedule of E-CAR training (a pure function of the step: resumes need no scheduler
+    # state): a short warm-up, then cosine decay to 10% of the peak
     warmup = max(1, tok.steps // 50)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, tok.steps) / tok.steps))))
     perceptual = EfficientNetFeatures().to(device) if tok.perceptual else None
     latent_elements = config.model.latent_channels * config.model.latent_size ** 2
-    step = _restore(ray.train.get_checkpoint(), raw, optimizer, schedule)
+    step = _restore(ray.train.get_checkpoint(), raw, optimizer)
     every = max(100, tok.steps // 4)
     board = loop_config.get("progress") if rank == 0 else None  # ecar.progress.worker_progress
     shard = ray.train.get_dataset_shard("train")
@@ -122,8 +115,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 loss = loss + tok.perceptual_weight * perceptual_distance(perceptual, reconstruction, images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, tok.lr, 0.1 * tok.lr, warmup, tok.steps)
             optimizer.step()
-            schedule.step()
             step += 1
             if board is not None and (step % 10 == 0 or step == tok.steps):
                 posted = board.post.remote(step, {"loss": float(loss)})
@@ -136,17 +130,17 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 log.info("tokenizer step %d/%d loss %.4f psnr %.2f dB (%.1f s)", step, tok.steps,
                          metrics["loss"], metrics["train_psnr"], time.time() - started)
             if step % every == 0 and step < tok.steps:
-                _report(metrics, raw, optimizer, schedule, step, config, rank)
+                _report(metrics, raw, optimizer, step, config, rank)
             if step >= tok.steps:
                 break
-    _report(metrics, raw, optimizer, schedule, step, config, rank)
+    _report(metrics, raw, optimizer, step, config, rank)
 
 
 STATE_NAME = "training_state.pt"
 
 
-def _report(metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimizer, schedule: Any, step: int,
-            config: Config, rank: int) -> None:
+def _report(metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
+            rank: int) -> None:
     """A checkpoint from rank 0 (tokenizer files + optimizer state), metrics from every rank:
     `ray.train.report` is a barrier that all ranks must reach equally often."""
     import ray.train
@@ -156,13 +150,13 @@ def _report(metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimi
         if rank == 0:
             save_vae(model, folder, config.data.image_size)
             # optimizer moments and counters: plain tensors and numbers, loaded with weights_only=True
-            torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
+            torch.save({"optimizer": optimizer.state_dict(), "step": step},
                        os.path.join(folder, STATE_NAME))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _restore(checkpoint: Any, model: KLVAE, optimizer: torch.optim.Optimizer, schedule: Any) -> int:
+def _restore(checkpoint: Any, model: KLVAE, optimizer: torch.optim.Optimizer) -> int:
     """Resume from the run's latest checkpoint (after a failure, or a re-run of the same job);
     returns the step to continue from (0 for a fresh run)."""
     if checkpoint is None:
@@ -172,7 +166,6 @@ def _restore(checkpoint: Any, model: KLVAE, optimizer: torch.optim.Optimizer, sc
         state = torch.load(os.path.join(folder, STATE_NAME), map_location="cpu", weights_only=True)
     model.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
     log.info("tokenizer: resumed at step %d", state["step"])
     return int(state["step"])
 
@@ -185,16 +178,6 @@ def _image_batch_decoder(channels: int):
 
 
 # ----- evaluation ---------------------------------------------------------------------------
-@torch.no_grad()
-def reconstruct(model: nn.Module, images_BCHW: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """encode -> decode, clamped and quantised to 8 bits as a saved image would be."""
-    outputs = []
-    for start in range(0, images_BCHW.shape[0], batch_size):
-        out = model.decode(model.encode(images_BCHW[start:start + batch_size])).clamp(-1, 1)
-        outputs.append(((out + 1) * 127.5).round() / 127.5 - 1)
-    return torch.cat(outputs)
-
-
 def psnr_per_image(a_BCHW: torch.Tensor, b_BCHW: torch.Tensor) -> torch.Tensor:
     """(B,) PSNR in dB on the [0, 1] scale."""
     mse = ((a_BCHW - b_BCHW) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)

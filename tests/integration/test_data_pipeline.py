@@ -21,8 +21,8 @@ from ecar.data.reader import latent_dataset, torch_batches, validate_latents
 from ecar.data.shards import IMAGE_SCHEMA, read_table, write_table
 from ecar.presets import get_config
 from ecar.tokenizer import load_tokenizer
-from ecar.tokenizer.train import train_tokenizer, vae_shape
-from ecar.tokenizer.vae import KLVAE, save_vae
+from ecar.tokenizer.vae import KLVAE, save_vae, vae_shape
+from ecar.train.tokenizer import train_tokenizer
 from ecar.train.synthetic import write_synthetic_latents
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

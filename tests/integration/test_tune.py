@@ -92,8 +92,7 @@ def decodable_checkpoint(tmp_path_factory):
     from ecar.export import save_exported
     from ecar.models import build_model
     from ecar.presets import get_config
-    from ecar.tokenizer.train import vae_shape
-    from ecar.tokenizer.vae import KLVAE, save_vae
+    from ecar.tokenizer.vae import KLVAE, save_vae, vae_shape
 
     root = tmp_path_factory.mktemp("sampling-sweep")
     config = get_config("ecar-debug")

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from ecar.data.sources import FashionMNISTSource
 from ecar.models import build_model
 from ecar.presets import get_config
-from ecar.tokenizer.train import vae_shape
-from ecar.tokenizer.vae import KLVAE
+from ecar.tokenizer.vae import KLVAE, vae_shape
 from ecar.train.ema import EMA
 from ecar.train.loop import TorchBackend, TrainState, train
 
