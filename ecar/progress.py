@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ecar.log import get_logger
@@ -56,6 +57,13 @@ class Progress:
     def update(self, count: int = 1, **postfix: Any) -> None:
         self.set(self.done + count, **postfix)
 
+    def note(self, message: str) -> None:
+        """A status line for work that has not counted anything yet (a log line, or the bar's text)."""
+        if self.bar is not None:
+            self.bar.set_description_str(f"{self.desc} ({message})", refresh=True)
+        elif self.mode == "log":
+            log.info("%s: %s", self.desc, message)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -76,11 +84,15 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterat
 
 @contextlib.contextmanager
 def _polled(total: int, desc: str, unit: str, read: Callable[[], tuple[int, dict[str, float]] | None],
-            every_s: float) -> Iterator[None]:
+            every_s: float, status: Callable[[], str] | None = None, status_every_s: float = 60.0) -> Iterator[None]:
     """Shows `Progress` for work running elsewhere while the block runs: a thread calls `read`
-    (latest step and metrics, or None) every `every_s`, and once more when the block ends."""
+    (latest step and metrics, or None) every `every_s`, and once more when the block ends.
+    Until the first count, `status()` (what the work is doing) is shown when it changes, and at
+    least every `status_every_s` with the time waited, so a slow start never looks like a hang."""
     stop = threading.Event()
     progress = Progress(total, desc, unit)
+    started = time.monotonic()
+    shown = {"text": "", "at": started}
 
     def show() -> None:
         try:
@@ -89,6 +101,15 @@ def _polled(total: int, desc: str, unit: str, read: Callable[[], tuple[int, dict
             return
         if latest is not None and latest[0] > progress.done:
             progress.set(latest[0], **latest[1])
+        elif status is not None and progress.done == 0:
+            try:
+                text = status()
+            except Exception:  # noqa: BLE001
+                return
+            now = time.monotonic()
+            if text != shown["text"] or now - shown["at"] >= status_every_s:
+                progress.note(f"{text} ({now - started:.0f} s)")
+                shown.update(text=text, at=now)
 
     def poll() -> None:
         while not stop.wait(every_s):
@@ -124,7 +145,11 @@ def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: st
         latest = max(history, key=lambda m: m.step)
         return latest.step, {"loss": latest.value}
 
-    with _polled(total_steps, desc, "steps", read, every_s):
+    def status() -> str:
+        # rank 0 sets the phase tag (ecar.train.tracking.RankZeroTracker.set_phase)
+        return client.get_run(run_id).data.tags.get("ecar.phase") or "starting the training workers (Ray Train)"
+
+    with _polled(total_steps, desc, "steps", read, every_s, status):
         yield
 
 

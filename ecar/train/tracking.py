@@ -147,6 +147,9 @@ def sample_grid(images_BCHW: torch.Tensor, labels_B: torch.Tensor, title: str, c
     return figure
 
 
+PHASE_TAG = "ecar.phase"
+
+
 class RankZeroTracker:
     """Metrics and images of one MLflow run, written by rank 0; a no-op on other ranks."""
 
@@ -174,4 +177,10 @@ class RankZeroTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
             self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_phase(self, phase: str) -> None:
+        """What the workers are doing before the first logged step (the `ecar.phase` tag, which
+        the driver's progress display reads), so that a slow start is never silent."""
+        if self.enabled:
+            self.client.set_tag(self.run_id, PHASE_TAG, phase)
 

@@ -66,6 +66,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     from ecar.train.ema import EMA
     from ecar.train.engine import DeepSpeedBackend
     from ecar.train.loop import train
+    from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
     data = ManifestSummary.from_dict(arguments["data"])
@@ -75,11 +76,15 @@ def train_worker(arguments: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
 
+    tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
+    tracker.set_phase("building the model and the DeepSpeed engine (a machine's first run also compiles "
+                      "DeepSpeed's CPU op: 1-2 minutes)")
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     backend = DeepSpeedBackend(build_model(config), config, device)
     ema = EMA(backend.ema_sources(), config.train.ema_decay)
-    events = RunEvents(config, data, backend, ema, arguments, rank, context.get_world_size())
+    events = RunEvents(config, data, backend, ema, arguments, rank, context.get_world_size(), tracker)
     state = events.restore(ray.train.get_checkpoint())
+    tracker.set_phase(f"DeepSpeed ready; reading the first batches and running step {state.step + 1}")
 
     shard = ray.train.get_dataset_shard(DATASET_NAME)
 
@@ -102,14 +107,13 @@ class RunEvents:
     each method at the same steps: previews, evaluation and reports are collectives."""
 
     def __init__(self, config: Config, data: ManifestSummary, backend: Any, ema: Any, arguments: dict[str, Any],
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, tracker: Any) -> None:
         from ecar.train import checkpoint as ckpt
         from ecar.train.monitors import PeakMemory, Preview, Validator
-        from ecar.train.tracking import RankZeroTracker
 
         self.config, self.data, self.backend, self.ema, self.rank = config, data, backend, ema, rank
         self.export_uri, self.mlflow_run_id = arguments["export_uri"], arguments["mlflow_run_id"]
-        self.tracker = RankZeroTracker(arguments["tracking_uri"], self.mlflow_run_id, rank)
+        self.tracker = tracker
         self.info = ckpt.RunInfo(world_size=world_size, zero_stage=config.train.zero_stage,
                                  manifest_uri=data.manifest_uri, mlflow_run_id=self.mlflow_run_id)
         self.memory = PeakMemory()
@@ -263,6 +267,8 @@ def fit(
         datasets={DATASET_NAME: dataset},
         dataset_config=ray.train.DataConfig(execution_options=options),
     )
+    log.info("starting %d training worker(s) (Ray Train, DeepSpeed ZeRO-%d, %g CPU each) for %d steps",
+             train.num_workers, train.zero_stage, train.cpus_per_worker, train.steps)
     try:
         with training_progress(tracking_uri, mlflow_run_id, train.steps, f"train {name}"):
             result = trainer.fit()

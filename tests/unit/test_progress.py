@@ -51,3 +51,25 @@ def test_the_board_keeps_the_latest_step_when_posts_arrive_out_of_order():
     board.post(5, {"loss": 0.5})
     board.post(3, {"loss": 0.9})
     assert board.read() == (5, {"loss": 0.5})
+
+
+def test_a_slow_start_says_what_is_happening_until_the_first_count(monkeypatch, caplog):
+    """Until work elsewhere reports its first step, the status (e.g. the workers' phase) is
+    logged when it changes; once counting starts, only the counts are."""
+    import time
+
+    from ecar.progress import _polled
+
+    monkeypatch.setenv("ECAR_PROGRESS", "log")
+    phases = iter(["starting the workers", "starting the workers", "building the DeepSpeed engine"])
+    steps = iter([None, None, None, (10, {"loss": 0.5}), (20, {"loss": 0.4})])
+    with caplog.at_level(logging.INFO, logger="ecar.progress"):
+        with _polled(20, "train", "steps", lambda: next(steps, (20, {})), every_s=0.05,
+                     status=lambda: next(phases, "unused"), status_every_s=60):
+            time.sleep(0.6)
+    lines = [r.getMessage() for r in caplog.records]
+    notes = [line for line in lines if "starting the workers" in line or "DeepSpeed" in line]
+    assert len(notes) == 2, lines  # one line per phase, not per poll
+    assert notes[0].startswith("train: starting the workers (") and "building the DeepSpeed engine" in notes[1]
+    assert any("train: 20/20 steps (100%)" in line for line in lines)
+    assert not any("unused" in line for line in lines)
