@@ -61,10 +61,33 @@ def read_manifest(uri: str, storage_config: StorageConfig | None = None) -> dict
     prefix, location = manifest_location(uri)
     if not storage.exists(location, storage_config):
         raise FileNotFoundError(f"no latent manifest at {location} (has `ecar encode` finished?)")
-    manifest = json.loads(storage.read_text(location, storage_config))
-    if manifest.get("schema_version") != SCHEMA_VERSION or manifest.get("kind") != "latents":
+    try:
+        manifest = json.loads(storage.read_text(location, storage_config))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{location}: not JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION \
+            or manifest.get("kind") != "latents":
         raise ValueError(f"{location}: not a latent manifest of schema version {SCHEMA_VERSION}")
+    _check_keys(manifest, location)
     return {**manifest, "prefix": prefix}
+
+
+REQUIRED_KEYS = ("tokenizer", "latent_shape", "latent_dtype", "latent_scale", "num_classes", "flip_augment", "splits")
+
+
+def _check_keys(manifest: dict[str, Any], location: str) -> None:
+    """Every key the readers use, named when missing (an edited or truncated manifest)."""
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{location}: missing key {missing[0]!r} (incomplete or edited manifest)")
+    for split, entry in manifest["splits"].items():
+        for key in ("rows", "shards"):
+            if key not in entry:
+                raise ValueError(f"{location}: split {split!r} has no {key!r}")
+        for index, shard in enumerate(entry["shards"]):
+            for key in ("name", "rows"):
+                if key not in shard:
+                    raise ValueError(f"{location}: split {split!r}, shard {index} has no {key!r}")
 
 
 def shard_uris(manifest: dict[str, Any], split: str) -> list[str]:

@@ -27,8 +27,10 @@ def latent_manifest(tmp_path_factory):
 
 def _latents_naming(images_uri: str, prefix: str) -> str:
     """A latent manifest at `prefix` with no shards, naming `images_uri` as its source."""
-    write_manifest(prefix, {"schema_version": SCHEMA_VERSION, "kind": "latents",
-                            "source": {"images_uri": images_uri}, "splits": {}})
+    write_manifest(prefix, {"schema_version": SCHEMA_VERSION, "kind": "latents", "source": {"images_uri": images_uri},
+                            "splits": {}, "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
+                            "latent_shape": [4, 8, 8], "latent_dtype": "float32", "latent_scale": 1.0,
+                            "num_classes": 10, "flip_augment": False})
     return prefix
 
 

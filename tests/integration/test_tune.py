@@ -104,7 +104,11 @@ def decodable_checkpoint(tmp_path_factory):
     latents = str(root / "latents")
     write_manifest(latents, {"schema_version": SCHEMA_VERSION, "kind": "latents", "splits": {},
                              "source": {"images_uri": images_uri},
-                             "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]}})
+                             "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]},
+                             "latent_shape": [config.model.latent_channels, config.model.latent_size,
+                                              config.model.latent_size],
+                             "latent_dtype": "float32", "latent_scale": 1.0, "num_classes": config.model.num_classes,
+                             "flip_augment": False})
     model = build_model(config)
     with torch.no_grad():  # off the zero-initialised outputs, so that the schedule matters
         for parameter in model.parameters():

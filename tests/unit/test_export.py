@@ -73,3 +73,28 @@ def test_a_schema_1_export_loads_on_its_weights_hash(export):
     open(path, "w").write(json.dumps(metadata))
     assert read_metadata(uri)["content_sha256"] == metadata["weights_sha256"]
     assert load_exported(uri).step == 7
+
+
+@pytest.mark.parametrize("remove", ["latent_scale", "splits", "splits.train.rows", "splits.train.shards.0.name"])
+def test_a_latent_manifest_missing_a_key_names_it(tmp_path, remove):
+    from ecar.data.manifest import read_manifest
+    from ecar.train.synthetic import write_synthetic_latents
+
+    prefix = write_synthetic_latents(str(tmp_path / "latents"), rows=16, shards=2)
+    path = tmp_path / "latents" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    node, parts = manifest, remove.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node[part]
+    del node[parts[-1]]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=repr(parts[-1])):
+        read_manifest(prefix)
+
+
+def test_a_latent_manifest_that_is_not_json_is_named(tmp_path):
+    from ecar.data.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_text('{"schema_version": 1, "kind": "lat')
+    with pytest.raises(ValueError, match="manifest.json: not JSON"):
+        read_manifest(str(tmp_path))
