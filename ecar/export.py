@@ -104,14 +104,22 @@ def read_config(uri: str) -> Config:
     return Config.from_text(text)
 
 
+def verify_weights(uri: str, metadata: dict[str, Any] | None = None) -> bytes:
+    """The weights file, checked against the hash export.json records (a truncated upload or a
+    replaced file raises ValueError)."""
+    metadata = metadata or read_metadata(uri)
+    blob = storage.read_bytes(storage.join(uri, "model.safetensors"))
+    if hashlib.sha256(blob).hexdigest() != metadata["weights_sha256"]:
+        raise ValueError(f"{uri}/model.safetensors does not match the hash in export.json (corrupt or partial)")
+    return blob
+
+
 def load_exported(uri: str, device: torch.device | str = "cpu") -> Exported:
     """The model (eval mode, on `device`) with its config and latent scale; weights are verified
     against the recorded hash so a truncated upload fails loudly instead of sampling garbage."""
     metadata = read_metadata(uri)
     config = read_config(uri)
-    blob = storage.read_bytes(storage.join(uri, "model.safetensors"))
-    if hashlib.sha256(blob).hexdigest() != metadata["weights_sha256"]:
-        raise ValueError(f"{uri}/model.safetensors does not match the hash in export.json (corrupt or partial)")
+    blob = verify_weights(uri, metadata)
     model = build_model(config)
     model.load_state_dict(load_safetensors(blob))
     return Exported(model=model.to(device).eval(), config=config, latent_scale=metadata["latent_scale"],

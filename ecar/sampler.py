@@ -139,6 +139,24 @@ def existing_shards(output_uri: str) -> set[str]:
     return {posixpath.basename(uri) for uri in storage.list_files(storage.join(output_uri, "shards"), ".npz")}
 
 
+def check_arguments(config: Config, num_images: int, labels: list[int] | None, shard_size: int, batch_size: int,
+                    actors: int, cpus_per_actor: float) -> None:
+    """A sampling request's user errors, named, before Ray starts or the output is claimed."""
+    for name, value in (("--num-images", num_images), ("--shard-size", shard_size), ("--batch-size", batch_size),
+                        ("--actors", actors)):
+        if value < 1:
+            raise ValueError(f"{name}: {value} must be at least 1")
+    if not cpus_per_actor > 0:
+        raise ValueError(f"--cpus-per-actor: {cpus_per_actor} must be positive")
+    classes = config.model.num_classes
+    if labels is not None:
+        if not labels:
+            raise ValueError("--labels: empty; give class ids, e.g. --labels 0,3,7")
+        wrong = [label for label in labels if not 0 <= label < classes]
+        if wrong:
+            raise ValueError(f"--labels: {wrong[0]} is not a class of this checkpoint (0..{classes - 1})")
+
+
 def sample_to_storage(
     checkpoint_uri: str,
     output_uri: str,
@@ -160,6 +178,7 @@ def sample_to_storage(
 
     overrides = list(overrides)
     config = sampling_config(read_config(checkpoint_uri), overrides)  # fail before any actor starts
+    check_arguments(config, num_images, labels, shard_size, batch_size, actors, cpus_per_actor)
     plan = plan_shards(num_images, shard_size)
     metadata = read_metadata(checkpoint_uri)
     identity = {"checkpoint_sha256": metadata["content_sha256"],

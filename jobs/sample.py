@@ -13,8 +13,8 @@ import sys
 
 from ecar.config import USER_ERRORS
 from ecar.runtime import init_ray
-from ecar.export import read_config
-from ecar.sampler import sample_to_storage, sampling_config
+from ecar.export import read_config, verify_weights
+from ecar.sampler import check_arguments, sample_to_storage, sampling_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_labels(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--labels: {text!r} is not a comma-separated list of class ids (e.g. 0,3,7)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
     try:
-        sampling_config(read_config(args.checkpoint), args.overrides)  # fail before Ray starts
+        labels = parse_labels(args.labels)
+        # every user error before Ray starts: the config (and its hash), the overrides, the
+        # arguments, the weights' hash
+        config = sampling_config(read_config(args.checkpoint), args.overrides)
+        check_arguments(config, args.num_images, labels, args.shard_size, args.batch_size, args.actors,
+                        args.cpus_per_actor)
+        verify_weights(args.checkpoint)
         init_ray(args.address)
         manifest = sample_to_storage(args.checkpoint, args.output, args.num_images, args.overrides, labels,
                                      args.shard_size, args.batch_size, args.actors, args.cpus_per_actor)

@@ -98,3 +98,39 @@ def test_a_latent_manifest_that_is_not_json_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text('{"schema_version": 1, "kind": "lat')
     with pytest.raises(ValueError, match="manifest.json: not JSON"):
         read_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--labels", "a,b"], "--labels: 'a,b' is not"), (["--labels", "3,10"], "--labels: 10 is not a class"),
+    (["--num-images", "0"], "--num-images: 0"), (["--shard-size", "0"], "--shard-size"),
+    (["--actors", "0"], "--actors"), (["--cpus-per-actor", "0"], "--cpus-per-actor"),
+    (["sampling.cfg_scale=inf"], "sampling.cfg_scale"), (["model.width=8"], "model.width: only sampling"),
+])
+def test_sample_refuses_bad_arguments_before_ray_starts_and_writes_nothing(export, tmp_path, monkeypatch, capsys,
+                                                                            arguments, message):
+    import jobs.sample
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(jobs.sample, "init_ray", no_ray)
+    uri, _ = export
+    output = tmp_path / "samples"
+    options = ["--num-images", "4"] if "--num-images" not in arguments else []
+    code = jobs.sample.main(["--checkpoint", uri, "--output", str(output), *options, *arguments])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_sample_checks_the_weights_hash_before_ray_starts(export, tmp_path, monkeypatch, capsys):
+    import jobs.sample
+
+    monkeypatch.setattr(jobs.sample, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray")))
+    uri, _ = export
+    path = f"{uri}/model.safetensors"
+    blob = bytearray(open(path, "rb").read())
+    blob[-1] ^= 0xFF
+    open(path, "wb").write(bytes(blob))
+    assert jobs.sample.main(["--checkpoint", uri, "--output", str(tmp_path / "s"), "--num-images", "4"]) == 2
+    assert "model.safetensors does not match" in capsys.readouterr().err
