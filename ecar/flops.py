@@ -1,9 +1,10 @@
 """FLOP accounting by running the real code under torch's FLOP counter.
 
-Models are built on the `meta` device, so even DiT-XL/2 at 250 steps is counted in seconds
-without allocating weights. Matrix products, convolutions and attention are counted (as in
-DiT's table); element-wise work is not. A multiply-add counts as ONE FLOP, as in DiT's paper,
-so figures compare with its 118.6 GFLOPs for DiT-XL/2.
+Models are built on the `meta` device, without allocating weights. All Euler steps of a stage
+have the same shapes, so generation is counted from real runs of one and two steps per stage
+and multiplied out: DiT-XL/2 at 250 steps takes seconds. Matrix products, convolutions and
+attention are counted (as in DiT's table); element-wise work is not. A multiply-add counts as
+ONE FLOP, as in DiT's paper, so figures compare with its 118.6 GFLOPs for DiT-XL/2.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ecar.config import Config
+from ecar.config import Config, SamplingConfig
 from ecar.models import ECAR, ClassConditional, build_model
+from ecar.euler import step_scales
 
 CONVENTION = "FLOPs count a multiply-add once (DiT's convention); element-wise ops are not counted"
 
@@ -121,22 +123,72 @@ def forward_flops(model: ClassConditional) -> dict[str, float]:
     return out
 
 
-def generation_flops(model: ClassConditional, cfg_scale: float | None = None) -> tuple[list[StageFlops], float]:
-    """Per-stage and total FLOPs of generating one image with the config's sampling schedule."""
-    config = model.config
-    sampling = config.sampling if cfg_scale is None else replace(config.sampling, cfg_scale=cfg_scale)
+Cost = dict[str, float]  # MACs of (part of) one stage: {"ar", "flow", "total"}
+
+
+def _linear(*terms: tuple[int, Cost]) -> Cost:
+    """sum(k * cost) over (k, cost) terms, per part."""
+    return {part: sum(k * cost[part] for k, cost in terms) for part in ("ar", "flow", "total")}
+
+
+def stage_costs(model: ClassConditional, sampling: SamplingConfig, steps: tuple[int, ...]) -> list[Cost]:
+    """Per stage, the counted MACs of one real sampling run at batch 1 with `steps` Euler steps
+    per stage (every step counted; `generation_flops` counts the same from 1- and 2-step runs)."""
     labels = torch.zeros(1, dtype=torch.long, device="meta")
-    steps = config.flow.steps_per_stage
-    stages: list[StageFlops] = []
     if isinstance(model, ECAR):
-        iterator = model.iter_stages(labels, sampling)
-        for s in range(model.layout.num_stages):
-            _, parts, total = _counted(model, lambda: next(iterator))
-            stages.append(StageFlops(s, model.layout.grids[s], steps[s], parts["ar"], parts["flow"], total))
+        iterator = model.iter_stages(labels, sampling, steps_per_stage=steps)
+        counted = [_counted(model, lambda: next(iterator)) for _ in range(model.layout.num_stages)]
     else:
-        _, parts, total = _counted(model, lambda: model.generate(labels, sampling))
-        stages.append(StageFlops(0, config.model.latent_size, steps[0], 0.0, parts["flow"], total))
-    return stages, sum(stage.total for stage in stages)
+        counted = [_counted(model, lambda: model.generate(labels, sampling, steps_per_stage=steps))]
+    return [{"ar": parts["ar"], "flow": parts["flow"], "total": total} for _, parts, total in counted]
+
+
+def _fixed_and_step_costs(model: ClassConditional, sampling: SamplingConfig) -> tuple[list[Cost], list[Cost]]:
+    """Per stage, (the MACs run once: AR step and flow condition, the MACs of one Euler step),
+    from real runs of 1 and 2 steps per stage: all of a stage's steps under one sampling
+    setting have the same shapes."""
+    stages = model.layout.num_stages
+    one_step = stage_costs(model, sampling, (1,) * stages)
+    two_steps = stage_costs(model, sampling, (2,) * stages)
+    step = [_linear((1, two), (-1, one)) for one, two in zip(one_step, two_steps)]
+    fixed = [_linear((1, one), (-1, each)) for one, each in zip(one_step, step)]
+    return fixed, step
+
+
+def _guided_steps(model: ClassConditional, sampling: SamplingConfig) -> list[int]:
+    """Per stage, how many Euler steps run a CFG pair (the others: the conditional half only)."""
+    layout, steps = model.layout, model.config.flow.steps_per_stage
+    return [sum(scale != 1.0 for scale in step_scales(sampling, s, layout.num_stages, *layout.windows[s], steps[s]))
+            for s in range(layout.num_stages)]
+
+
+def generation_flops(model: ClassConditional) -> tuple[list[StageFlops], list[StageFlops]]:
+    """Per-stage FLOPs of generating one image with the config's sampling schedule, and the
+    same with cfg_scale 1 (no unconditional pass).
+
+    A stage costs its once-per-stage work plus its guided steps (a CFG pair, 2x batch) and its
+    unguided steps (scale 1: the conditional half only). Each kind of step is counted in real
+    runs and multiplied by how often `step_scales` calls for it; `stage_costs` with the
+    config's steps counts every step instead, to the same MAC.
+    """
+    config, layout = model.config, model.layout
+    steps = config.flow.steps_per_stage
+    unguided_fixed, unguided_step = _fixed_and_step_costs(model, replace(config.sampling, cfg_scale=1.0))
+    guided_steps = _guided_steps(model, config.sampling)
+    if any(guided_steps):
+        # The AR and the condition then run on the CFG batch; runs that guide every step count
+        # them and a guided step.
+        everywhere = replace(config.sampling, cfg_schedule="constant", guidance_interval=(0.0, 1.0))
+        guided_fixed, guided_step = _fixed_and_step_costs(model, everywhere)
+    else:
+        guided_fixed, guided_step = unguided_fixed, unguided_step
+
+    def stage(s: int, fixed: Cost, guided: int) -> StageFlops:
+        cost = _linear((1, fixed), (guided, guided_step[s]), (steps[s] - guided, unguided_step[s]))
+        return StageFlops(s, layout.grids[s], steps[s], **cost)
+
+    return ([stage(s, guided_fixed[s], guided_steps[s]) for s in range(layout.num_stages)],
+            [stage(s, unguided_fixed[s], 0) for s in range(layout.num_stages)])
 
 
 def decode_flops(config: Config) -> float | None:
@@ -161,13 +213,14 @@ def parameter_counts(model: ClassConditional) -> dict[str, int]:
 
 def count(config: Config, generation: bool = True) -> FlopReport:
     """The FLOP report of a config (see `ecar flops`); `generation=False` skips counting the
-    sampling loop (minutes for a 250-step DiT-XL on the meta device) and reports forwards only."""
+    sampling loop and reports forwards only."""
     model = _meta_model(config)
     forward = forward_flops(model)
     notes = []
     if generation:
-        stages, total = generation_flops(model)
-        _, unguided = generation_flops(model, cfg_scale=1.0)
+        stages, unguided_stages = generation_flops(model)
+        total = sum(stage.total for stage in stages)
+        unguided = sum(stage.total for stage in unguided_stages)
     else:
         stages, total, unguided = [], 0.0, 0.0
         notes.append("generation not counted (--forward-only)")

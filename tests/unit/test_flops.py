@@ -1,9 +1,10 @@
 import json
+from dataclasses import replace
 
 import pytest
 
 from ecar.cli import main
-from ecar.flops import count
+from ecar.flops import _meta_model, count, generation_flops, stage_costs
 from ecar.presets import get_config
 
 pytestmark = pytest.mark.unit
@@ -39,6 +40,24 @@ def test_flow_cost_grows_linearly_with_steps_and_the_ar_runs_once_per_stage():
     assert per_step > 0
     assert four.flow - two.flow == pytest.approx(2 * per_step)  # the condition is prepared once
     assert one.ar == two.ar == four.ar
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("ecar-debug", []),
+    # stage 0 unguided (linear ramp, before the interval), stage 1 mixed, stage 2 guided
+    ("ecar-debug", ["flow.steps_per_stage=[2,3,2]", "sampling.guidance_interval=[0.3,1.0]",
+                    "sampling.cfg_schedule=linear"]),
+    ("ecar-fmnist", ["flow.steps_per_stage=[3,2,1]", "sampling.guidance_interval=[0.3,1.0]"]),
+    ("dit-fmnist", ["flow.steps_per_stage=[7]", "sampling.guidance_interval=[0.3,1.0]"]),
+])
+def test_counting_each_kind_of_step_once_equals_counting_every_step(preset, overrides):
+    config = get_config(preset, overrides)
+    model = _meta_model(config)
+    guided, unguided = generation_flops(model)
+    for stages, sampling in [(guided, config.sampling), (unguided, replace(config.sampling, cfg_scale=1.0))]:
+        every_step = stage_costs(model, sampling, config.flow.steps_per_stage)
+        assert [{"ar": s.ar, "flow": s.flow, "total": s.total} for s in stages] == every_step  # to the MAC
+    assert sum(s.total for s in unguided) < sum(s.total for s in guided) <= 2 * sum(s.total for s in unguided)
 
 
 def test_dit_generation_is_steps_times_forward():
