@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("overrides", nargs="*", help="dotted overrides, e.g. flow.steps_per_stage=[8,8,8]")
     flops.add_argument("--json", action="store_true", help="print the report as JSON")
     flops.add_argument("--forward-only", action="store_true",
-                       help="skip counting the sampling loop (a 250-step DiT-XL takes minutes)")
+                       help="count one forward pass only, not the sampling loop")
     flops.set_defaults(run=_flops)
 
     presets = commands.add_parser("presets", help="list the named presets",

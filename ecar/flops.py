@@ -196,8 +196,7 @@ def decode_flops(config: Config) -> float | None:
     architecture is only known once its folder is loaded)."""
     if config.tokenizer.kind != "kl_vae":
         return None
-    from ecar.tokenizer.train import vae_shape
-    from ecar.tokenizer.vae import KLVAE
+    from ecar.tokenizer.vae import KLVAE, vae_shape
 
     with torch.device("meta"):
         vae = KLVAE(vae_shape(config)).eval()
