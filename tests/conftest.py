@@ -1,8 +1,8 @@
 """Shared fixtures: one local Ray cluster per session, a loopback S3 server (moto), storage roots.
 
-The S3 endpoint and test credentials go into the environment when this file is imported, so
-that they are in place before any fixture starts Ray (workers inherit the environment only at
-`ray.init`). The server itself starts on first use of `s3_server`.
+Test credentials go into the environment when this file is imported; the S3 endpoint when the
+server has bound its port, which `ray_cluster` waits for (workers inherit the environment only
+at `ray.init`).
 """
 
 from __future__ import annotations
@@ -12,38 +12,39 @@ import uuid
 
 import pytest
 
-from ecar.tracking import free_port
-
 # Keeps the one-node cluster on 127.0.0.1; read when ray is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 TEST_BUCKET = "ecar-test"
 
-
-S3_PORT = free_port()
-S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
 os.environ.update({
-    "AWS_ENDPOINT_URL": S3_ENDPOINT,
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 })
-for leaked in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_SECURITY_TOKEN"):
+for leaked in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
     os.environ.pop(leaked, None)
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's threaded S3 server on loopback; yields its endpoint URL, with TEST_BUCKET created."""
+    """moto's threaded S3 server on loopback; yields its endpoint URL, with TEST_BUCKET created.
+
+    The server binds port 0, so the port is the one it holds: nothing can take it between
+    choosing and binding. The endpoint is in the environment from here to the session's end."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    boto3.client("s3", endpoint_url=S3_ENDPOINT).create_bucket(Bucket=TEST_BUCKET)
-    yield S3_ENDPOINT
-    server.stop()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", endpoint)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=TEST_BUCKET)
+        yield endpoint
+        server.stop()
 
 
 @pytest.fixture
