@@ -78,6 +78,9 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
 
     if not manifest_uri:
         raise PreflightError("data.manifest_uri: empty; pass --manifest URI (the output of `ecar encode`)")
+    # absolute, so that the manifest's prefix (and every shard path derived from it) means the
+    # same thing in the workers, which run in Ray's own folders
+    manifest_uri = storage.absolute(manifest_uri)
     check_storage(manifest_uri, config, "data.manifest_uri", write=False)
     try:
         manifest = read_manifest(manifest_uri, config.storage)

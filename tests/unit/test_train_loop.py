@@ -206,3 +206,23 @@ def test_no_validation_split_turns_validation_off(tmp_path):
     assert prepare_source(_config(), latents).val_rows == 0
     assert prepare_source(_config("train.val_rows=0"), write_synthetic_latents(
         str(tmp_path / "other"), rows=64, shards=2)).val_rows == 0
+
+
+def test_a_relative_manifest_path_still_reads_from_the_workers_folders(tmp_path, monkeypatch):
+    """Workers run in Ray's own folders: the manifest the driver read (and hands to them) must
+    name its shards by absolute paths even when the user gave a relative one."""
+    from ecar.train.monitors import Validator
+    from ecar.train.preflight import prepare_source
+    from ecar.train.synthetic import write_synthetic_latents
+
+    config = _config("train.val_rows=16")
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_latents("latents", rows=32, shards=2, test_rows=16)
+    summary = prepare_source(config, "latents")
+    assert summary.manifest["prefix"] == str(tmp_path / "latents")
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    torch.manual_seed(0)
+    values = Validator(config, summary, rank=0, world_size=1)(TorchBackend(build_model(config), config.train))
+    assert values["val_loss"] > 0
