@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages quickstart test test-all benchmarks
+.PHONY: install system-packages quickstart test test-all benchmarks mutation
 
 system-packages:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
@@ -27,3 +27,10 @@ test-all: install
 
 benchmarks: install
 	$(PYTHON) benchmarks/sampling.py
+
+# Mutation testing of the flow math, the Euler/CFG loop, the layout and E-CAR against their fast
+# tests (not part of `test` or CI): mutmut over [tool.mutmut] in pyproject.toml in a fresh
+# mutants/, report in benchmarks/results/mutation.json. Long: each of ~950 mutants re-runs the
+# unit tests that reach its function.
+mutation: install
+	$(PYTHON) benchmarks/mutation.py
