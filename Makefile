@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-packages quickstart test test-all benchmarks mutation
+.PHONY: install system-packages quickstart lint test test-all benchmarks mutation
 
 system-packages:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
@@ -19,7 +19,11 @@ install: system-packages
 quickstart: install
 	$(PYTHON) -m jobs.quickstart
 
-test: install
+lint: install
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check .
+
+test: install lint
 	$(PYTHON) -m pytest -m "not slow" -p no:cacheprovider
 
 test-all: install

@@ -43,8 +43,10 @@ def rows() -> list[Variant]:
     out = [Variant("ecar-clean", "ecar-clean"), Variant("ecar", "ecar")]
     for model in ("ecar-clean", "ecar"):
         out += [Variant(f"{model}+{name}", model, overrides) for name, overrides in SAMPLING_ABLATIONS.items()]
-    return out + [Variant(REFERENCE, "dit", ("flow.steps_per_stage=[50]",)),
-                  Variant(f"{REFERENCE}+cfg1", "dit", ("flow.steps_per_stage=[50]", "sampling.cfg_scale=1.0"))]
+    return out + [
+        Variant(REFERENCE, "dit", ("flow.steps_per_stage=[50]",)),
+        Variant(f"{REFERENCE}+cfg1", "dit", ("flow.steps_per_stage=[50]", "sampling.cfg_scale=1.0")),
+    ]
 
 
 def per_class_grid(variants: list[Variant], paths: headline.Paths, path: Path, per_class: int = 8) -> None:
@@ -72,42 +74,67 @@ def per_class_grid(variants: list[Variant], paths: headline.Paths, path: Path, p
     plt.close(figure)
 
 
-COLUMNS = [("variant", "{}"), ("model", "{}"), ("overrides", "{}"), ("fid", "{:.2f}"), ("precision", "{:.3f}"),
-           ("recall", "{:.3f}"), ("classifier_score", "{:.2f}"), ("sampling_gflops", "{:.2f}")]
+COLUMNS = [
+    ("variant", "{}"),
+    ("model", "{}"),
+    ("overrides", "{}"),
+    ("fid", "{:.2f}"),
+    ("precision", "{:.3f}"),
+    ("recall", "{:.3f}"),
+    ("classifier_score", "{:.2f}"),
+    ("sampling_gflops", "{:.2f}"),
+]
 
 
 def report(variants: list[Variant], paths: headline.Paths) -> dict:
-    found = {v.name: json.loads(storage.read_text(paths.metrics(v.name))) for v in variants
-             if storage.exists(paths.metrics(v.name))}
+    found = {
+        v.name: json.loads(storage.read_text(paths.metrics(v.name)))
+        for v in variants
+        if storage.exists(paths.metrics(v.name))
+    }
     first = next(iter(found.values()))
-    result = {"what": __doc__.split("\n\n")[0], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "samples": first["samples"], "reference_images": first["reference_images"],
-              "train_steps": first["train_steps"], "global_batch_size": first["global_batch_size"], "rows": found}
-    lines = ["# E-CAR's within-class diversity: ablations (issue 17)", "",
-             f"{result['date']}; models of the headline experiment ({result['train_steps']} steps at batch "
-             f"{result['global_batch_size']}); {result['samples']} samples per row on the same (class, seed) rows; "
-             f"metrics against the first {result['reference_images']} test images.", "",
-             "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    result = {
+        "what": __doc__.split("\n\n")[0],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "samples": first["samples"],
+        "reference_images": first["reference_images"],
+        "train_steps": first["train_steps"],
+        "global_batch_size": first["global_batch_size"],
+        "rows": found,
+    }
+    lines = [
+        "# E-CAR's within-class diversity: ablations (issue 17)",
+        "",
+        f"{result['date']}; models of the headline experiment ({result['train_steps']} steps at batch "
+        f"{result['global_batch_size']}); {result['samples']} samples per row on the same (class, seed) rows; "
+        f"metrics against the first {result['reference_images']} test images.",
+        "",
+        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for row in found.values():
         lines.append("| " + " | ".join(fmt.format(row[c]) if c in row else "-" for c, fmt in COLUMNS) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "diversity.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "diversity.md").write_text("\n".join(lines) + "\n")
-    per_class_grid([v for v in variants if v.name in ("ecar-clean", "ecar", REFERENCE)], paths,
-                   RESULTS / "diversity.png")
+    per_class_grid(
+        [v for v in variants if v.name in ("ecar-clean", "ecar", REFERENCE)], paths, RESULTS / "diversity.png"
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=("sample", "evaluate", "report"),
-                        default=["sample", "evaluate", "report"])
+    parser.add_argument(
+        "--parts", nargs="+", choices=("sample", "evaluate", "report"), default=["sample", "evaluate", "report"]
+    )
     parser.add_argument("--root", default="outputs/headline")
     parser.add_argument("--samples", type=int, default=headline.SCALES["full"].samples)
     parser.add_argument("--actors", type=int, default=2)
     args = parser.parse_args(argv)
-    paths = headline.Paths(root=args.root, manifest=storage.join(args.root, "latents"),
-                           tokenizer=storage.join(args.root, "tokenizer"))
+    paths = headline.Paths(
+        root=args.root, manifest=storage.join(args.root, "latents"), tokenizer=storage.join(args.root, "tokenizer")
+    )
     variants = rows()
     if "sample" in args.parts:
         from ecar.runtime import init_ray

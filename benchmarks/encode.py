@@ -36,8 +36,9 @@ def main() -> int:
     parser.add_argument("--preset", default="ecar-fmnist")
     parser.add_argument("--images", default="outputs/fmnist/images")
     parser.add_argument("--tokenizer", default="outputs/fmnist/tokenizer")
-    parser.add_argument("--limit", type=int, default=5000,
-                        help="first N images of each split, prepared into IMAGES-bench-N (0: all)")
+    parser.add_argument(
+        "--limit", type=int, default=5000, help="first N images of each split, prepared into IMAGES-bench-N (0: all)"
+    )
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--cpus-per-actor", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -46,9 +47,15 @@ def main() -> int:
 
     # the loopback S3 endpoint must be in the environment before Ray starts its workers
     port = _free_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
     import boto3
     import numpy as np
     import torch
@@ -65,9 +72,15 @@ def main() -> int:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     boto3.client("s3").create_bucket(Bucket="bench")
-    config = get_config(args.preset, {"tokenizer.checkpoint_uri": args.tokenizer, "data.encode_actors": args.actors,
-                                      "data.encode_cpus_per_actor": args.cpus_per_actor,
-                                      "data.encode_batch_size": args.batch_size})
+    config = get_config(
+        args.preset,
+        {
+            "tokenizer.checkpoint_uri": args.tokenizer,
+            "data.encode_actors": args.actors,
+            "data.encode_cpus_per_actor": args.cpus_per_actor,
+            "data.encode_batch_size": args.batch_size,
+        },
+    )
     if args.limit:
         subset = f"{args.images.rstrip('/')}-bench-{args.limit}"
         prepare_images(config.override({"data.shard_rows": 1024}), subset, limit_per_split=args.limit)
@@ -86,7 +99,7 @@ def main() -> int:
                 column = read_table(uri, columns=["image"]).column("image").to_pylist()
                 pixels = torch.from_numpy(decode_pngs(column, config.data.image_channels))
                 for start in range(0, len(pixels), args.batch_size):
-                    encoded += len(model.encode(pixels[start:start + args.batch_size]))
+                    encoded += len(model.encode(pixels[start : start + args.batch_size]))
     loop_seconds = time.perf_counter() - started
     assert encoded == total
 
@@ -102,8 +115,9 @@ def main() -> int:
     dataset = latent_dataset(output, "train", seed=0)
     started = time.perf_counter()
     delivered = 0
-    for batch in torch_batches(dataset, batch_size=256, shuffle_buffer_rows=config.data.shuffle_buffer_rows, seed=0,
-                               drop_last=False):
+    for batch in torch_batches(
+        dataset, batch_size=256, shuffle_buffer_rows=config.data.shuffle_buffer_rows, seed=0, drop_last=False
+    ):
         delivered += len(batch["label"])
     read_seconds = time.perf_counter() - started
     server.stop()
@@ -114,17 +128,30 @@ def main() -> int:
         "image_shape": [config.data.image_channels, config.data.image_size, config.data.image_size],
         "latent_shape": manifest["latent_shape"],
         "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        "plain_loop": {"seconds": round(loop_seconds, 2), "images_per_second": round(total / loop_seconds, 1),
-                       "threads": torch.get_num_threads(), "note": "read + PNG decode + encode; writes nothing"},
-        "ray_data_job": {"seconds": round(job_seconds, 2), "images_per_second": round(rows / job_seconds, 1),
-                         "actors": args.actors, "cpus_per_actor": args.cpus_per_actor, "batch_size": args.batch_size,
-                         "note": "read + decode + check + encode + write latent shards to loopback S3 + verify + "
-                                 "manifest; includes Ray Data start-up and tokenizer loading in the actors"},
+        "plain_loop": {
+            "seconds": round(loop_seconds, 2),
+            "images_per_second": round(total / loop_seconds, 1),
+            "threads": torch.get_num_threads(),
+            "note": "read + PNG decode + encode; writes nothing",
+        },
+        "ray_data_job": {
+            "seconds": round(job_seconds, 2),
+            "images_per_second": round(rows / job_seconds, 1),
+            "actors": args.actors,
+            "cpus_per_actor": args.cpus_per_actor,
+            "batch_size": args.batch_size,
+            "note": "read + decode + check + encode + write latent shards to loopback S3 + verify + "
+            "manifest; includes Ray Data start-up and tokenizer loading in the actors",
+        },
         "ratio_job_over_loop": round((rows / job_seconds) / (total / loop_seconds), 3),
-        "streaming_reader": {"latents": delivered, "seconds": round(read_seconds, 2),
-                             "latents_per_second": round(delivered / read_seconds, 1), "batch_size": 256,
-                             "shuffle_buffer_rows": config.data.shuffle_buffer_rows,
-                             "source": "loopback S3 (moto ThreadedMotoServer, in-process)"},
+        "streaming_reader": {
+            "latents": delivered,
+            "seconds": round(read_seconds, 2),
+            "latents_per_second": round(delivered / read_seconds, 1),
+            "batch_size": 256,
+            "shuffle_buffer_rows": config.data.shuffle_buffer_rows,
+            "source": "loopback S3 (moto ThreadedMotoServer, in-process)",
+        },
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU; shared with other jobs during the run",
         "torch": torch.__version__,
         "numpy": np.__version__,

@@ -48,7 +48,9 @@ from ecar import storage  # noqa: E402
 from ecar.config import USER_ERRORS, Config  # noqa: E402
 from ecar.log import get_logger  # noqa: E402
 from ecar.presets import get_config  # noqa: E402
-from jobs.quickstart import SCALES as QUICKSTART_SCALES, Scale, budget as quickstart_budget  # noqa: E402
+from jobs.quickstart import SCALES as QUICKSTART_SCALES  # noqa: E402
+from jobs.quickstart import Scale  # noqa: E402
+from jobs.quickstart import budget as quickstart_budget  # noqa: E402
 
 log = get_logger("ecar.benchmarks.headline")
 
@@ -62,9 +64,19 @@ SEED_ROW_SEED = 1  # sampling.seed of the second-seed rows (the first rows use 0
 
 # The training budget of every model, shared with the quickstart's `--scale full`; chosen from
 # measurements on this 2-core machine (benchmarks/results/headline.md says why).
-SCALES = {"full": QUICKSTART_SCALES["full"],
-          "tiny": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, batch_size=16, samples=32,
-                        latency_batches=(1,), ema_decay=0.99, validate=True)}
+SCALES = {
+    "full": QUICKSTART_SCALES["full"],
+    "tiny": Scale(
+        images_per_split=256,
+        tokenizer_steps=20,
+        train_steps=6,
+        batch_size=16,
+        samples=32,
+        latency_batches=(1,),
+        ema_decay=0.99,
+        validate=True,
+    ),
+}
 DIT_STEPS = {"full": (100, 50, 25, 10), "tiny": (4, 2)}
 
 # trained model -> (preset, the overrides that define it)
@@ -94,15 +106,19 @@ def steps_variant(model: str, steps: tuple[int, ...], name: str = "") -> Variant
 
 
 def seed_variant(variant: Variant) -> Variant:
-    return Variant(f"{variant.name}/seed{SEED_ROW_SEED}", variant.model,
-                   (*variant.overrides, f"sampling.seed={SEED_ROW_SEED}"))
+    return Variant(
+        f"{variant.name}/seed{SEED_ROW_SEED}", variant.model, (*variant.overrides, f"sampling.seed={SEED_ROW_SEED}")
+    )
 
 
 def all_variants(dit_steps: tuple[int, ...], dit_matched_steps: int, dit_250: bool = False) -> list[Variant]:
     full = dit_steps[0] > 4  # not the smoke test
     ecar = [Variant("ecar", "ecar"), *(steps_variant("ecar", s) for s in ECAR_SCHEDULES if full)]
     others = [Variant("ecar-full", "ecar-full"), Variant("ecar-clean", "ecar-clean")]
-    dits = [steps_variant("dit", (steps,), f"dit@{steps}") for steps in sorted({*dit_steps, dit_matched_steps}, reverse=True)]
+    dits = [
+        steps_variant("dit", (steps,), f"dit@{steps}")
+        for steps in sorted({*dit_steps, dit_matched_steps}, reverse=True)
+    ]
     if full:
         dits.insert(0, Variant("dit@250", "dit", ("flow.steps_per_stage=[250]",), sample=dit_250))
     return [*ecar, *others, *dits]
@@ -136,8 +152,11 @@ class Paths:
 def budget(paths: Paths, scale: Scale) -> dict[str, Any]:
     """Settings shared by every model: the quickstart's budget at this scale, plus this
     experiment's data, tokenizer and storage."""
-    return {**quickstart_budget(scale, paths.root), "data.manifest_uri": paths.manifest,
-            "tokenizer.checkpoint_uri": paths.tokenizer}
+    return {
+        **quickstart_budget(scale, paths.root),
+        "data.manifest_uri": paths.manifest,
+        "tokenizer.checkpoint_uri": paths.tokenizer,
+    }
 
 
 def parameter_count(config: Config) -> int:
@@ -200,10 +219,19 @@ def sample_variants(variants: list[Variant], paths: Paths, num_images: int, acto
         out = paths.samples(variant.name)
         if not variant.sample or storage.exists(storage.join(out, "manifest.json")):
             continue
-        log.info("sample %s: %d images with %s", variant.name, num_images, list(variant.overrides) or "the default schedule")
-        sample_to_storage(paths.export(variant.model), out, num_images, overrides=list(variant.overrides),
-                          shard_size=max(16, min(250, num_images // 4)), batch_size=50, actors=actors,
-                          cpus_per_actor=1.0)
+        log.info(
+            "sample %s: %d images with %s", variant.name, num_images, list(variant.overrides) or "the default schedule"
+        )
+        sample_to_storage(
+            paths.export(variant.model),
+            out,
+            num_images,
+            overrides=list(variant.overrides),
+            shard_size=max(16, min(250, num_images // 4)),
+            batch_size=50,
+            actors=actors,
+            cpus_per_actor=1.0,
+        )
 
 
 def variant_config(variant: Variant, paths: Paths) -> Config:
@@ -228,19 +256,37 @@ def evaluate_variants(variants: list[Variant], paths: Paths, num_images: int) ->
             metrics = evaluate_samples(paths.samples(variant.name), paths.manifest, "test", num_images, ())
             metrics.update({"samples": num_images, "reference_images": metrics["real_images"]})
         else:
-            metrics = {**sampling_cost(config), "steps_per_stage": list(config.flow.steps_per_stage),
-                       "cfg_scale": config.sampling.cfg_scale}
-        metrics.update({"variant": variant.name, "model": variant.model, "preset": config.preset,
-                        "overrides": list(variant.overrides), "params": parameter_count(config),
-                        "train_steps": metadata["step"], "global_batch_size": config.train.global_batch_size})
+            metrics = {
+                **sampling_cost(config),
+                "steps_per_stage": list(config.flow.steps_per_stage),
+                "cfg_scale": config.sampling.cfg_scale,
+            }
+        metrics.update(
+            {
+                "variant": variant.name,
+                "model": variant.model,
+                "preset": config.preset,
+                "overrides": list(variant.overrides),
+                "params": parameter_count(config),
+                "train_steps": metadata["step"],
+                "global_batch_size": config.train.global_batch_size,
+            }
+        )
         storage.write_text_atomic(target, json.dumps(metrics, indent=2))
-        log.info("evaluate %s: FID %s, %.3f GFLOPs/image", variant.name,
-                 f"{metrics['fid']:.2f}" if "fid" in metrics else "-", metrics["sampling_gflops"])
+        log.info(
+            "evaluate %s: FID %s, %.3f GFLOPs/image",
+            variant.name,
+            f"{metrics['fid']:.2f}" if "fid" in metrics else "-",
+            metrics["sampling_gflops"],
+        )
 
 
 def best_dit(variants: list[Variant], paths: Paths) -> Variant | None:
-    scored = [(json.loads(storage.read_text(paths.metrics(v.name)))["fid"], v) for v in variants
-              if v.model == "dit" and v.sample and storage.exists(paths.metrics(v.name))]
+    scored = [
+        (json.loads(storage.read_text(paths.metrics(v.name)))["fid"], v)
+        for v in variants
+        if v.model == "dit" and v.sample and storage.exists(paths.metrics(v.name))
+    ]
     return min(scored, key=lambda pair: pair[0])[1] if scored else None
 
 
@@ -265,11 +311,14 @@ def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: in
         target = paths.metrics(f"{first.name}/between-seeds")
         if storage.exists(target):
             continue
-        features = [inception_features(images_to_unit(read_samples(paths.samples(v.name), "images")["images"]))
-                    for v in (first, second)]
+        features = [
+            inception_features(images_to_unit(read_samples(paths.samples(v.name), "images")["images"]))
+            for v in (first, second)
+        ]
         fid = frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))
-        storage.write_text_atomic(target, json.dumps({"variant": first.name, "fid_between_seeds": fid,
-                                                      "samples": num_images}, indent=2))
+        storage.write_text_atomic(
+            target, json.dumps({"variant": first.name, "fid_between_seeds": fid, "samples": num_images}, indent=2)
+        )
         log.info("seed noise %s: FID between seeds %.2f", first.name, fid)
 
 
@@ -279,9 +328,14 @@ def floors(paths: Paths, num_images: int, config: Config) -> None:
     import torch
 
     from ecar.data.prepare import read_image_split
-    from ecar.evaluation.evaluate import (classifier_metrics, device_name, quality_metrics,
-                                          reference_features, reference_probabilities)
     from ecar.evaluation.classifier import classifier_probabilities
+    from ecar.evaluation.evaluate import (
+        classifier_metrics,
+        device_name,
+        quality_metrics,
+        reference_features,
+        reference_probabilities,
+    )
     from ecar.evaluation.fid import inception_features
     from ecar.tokenizer import load_tokenizer
     from ecar.tokenizer.vae import reconstruct
@@ -291,8 +345,9 @@ def floors(paths: Paths, num_images: int, config: Config) -> None:
     target = paths.metrics("floor-real-train")
     if not storage.exists(target):
         metrics = quality_metrics(real, reference_features(paths.manifest, "train", num_images, config))
-        metrics.update(classifier_metrics(real_probabilities,
-                                          reference_probabilities(paths.manifest, "train", num_images, config)))
+        metrics.update(
+            classifier_metrics(real_probabilities, reference_probabilities(paths.manifest, "train", num_images, config))
+        )
         storage.write_text_atomic(target, json.dumps({"variant": "floor-real-train", **metrics}, indent=2))
         log.info("floor: real train vs test FID %.2f", metrics["fid"])
     target = paths.metrics("floor-tokenizer")
@@ -316,8 +371,12 @@ def measure_latency(variants: list[Variant], paths: Paths, batches: tuple[int, .
 
     from ecar.export import load_exported
 
-    pending = [v for v in variants if storage.exists(paths.metrics(v.name))
-               and "latency_s_per_image_b1" not in json.loads(storage.read_text(paths.metrics(v.name)))]
+    pending = [
+        v
+        for v in variants
+        if storage.exists(paths.metrics(v.name))
+        and "latency_s_per_image_b1" not in json.loads(storage.read_text(paths.metrics(v.name)))
+    ]
     if not pending:
         return
     models = {m: load_exported(paths.export(m), "cpu").model for m in {v.model for v in pending}}
@@ -326,8 +385,9 @@ def measure_latency(variants: list[Variant], paths: Paths, batches: tuple[int, .
     with torch.no_grad():
         for variant in pending:  # warm-up
             config = configs[variant.name]
-            models[variant.model].generate(torch.zeros(1, dtype=torch.long), config.sampling,
-                                           steps_per_stage=config.flow.steps_per_stage)
+            models[variant.model].generate(
+                torch.zeros(1, dtype=torch.long), config.sampling, steps_per_stage=config.flow.steps_per_stage
+            )
         for repeat in range(repeats):
             for batch in batches:
                 labels = torch.arange(batch) % 10
@@ -350,8 +410,13 @@ def measure_latency(variants: list[Variant], paths: Paths, batches: tuple[int, .
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "processor": platform.processor() or platform.machine(), "cuda": torch.cuda.is_available()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.is_available(),
+    }
 
 
 def latency_ratios(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, float]:
@@ -368,9 +433,12 @@ def seed_noise(rows: dict[str, dict[str, Any]], noise: dict[str, dict[str, Any]]
         second = rows.get(f"{name}/seed{SEED_ROW_SEED}")
         if second is None or "fid" not in row:
             continue
-        out[name] = {"fid_seed0": row["fid"], f"fid_seed{SEED_ROW_SEED}": second["fid"],
-                     "fid_spread": abs(row["fid"] - second["fid"]),
-                     "fid_between_seeds": noise.get(name, {}).get("fid_between_seeds")}
+        out[name] = {
+            "fid_seed0": row["fid"],
+            f"fid_seed{SEED_ROW_SEED}": second["fid"],
+            "fid_spread": abs(row["fid"] - second["fid"]),
+            "fid_between_seeds": noise.get(name, {}).get("fid_between_seeds"),
+        }
     out["tie_threshold"] = max((v["fid_spread"] for v in out.values()), default=0.0)
     return out
 
@@ -389,13 +457,21 @@ def comparisons(rows: dict[str, dict[str, Any]], threshold: float) -> dict[str, 
     dits = {name: row for name, row in rows.items() if row["model"] == "dit" and "fid" in row and "/seed" not in name}
     if ecar is None or not dits:
         return {}
-    versus = {name: {"fid_ratio": ecar["fid"] / row["fid"], "verdict": verdict(ecar["fid"], row["fid"], threshold),
-                     "flops_ratio": row["sampling_gflops"] / ecar["sampling_gflops"],
-                     "latency_ratio": latency_ratios(row, ecar)} for name, row in dits.items()}
+    versus = {
+        name: {
+            "fid_ratio": ecar["fid"] / row["fid"],
+            "verdict": verdict(ecar["fid"], row["fid"], threshold),
+            "flops_ratio": row["sampling_gflops"] / ecar["sampling_gflops"],
+            "latency_ratio": latency_ratios(row, ecar),
+        }
+        for name, row in dits.items()
+    }
     best = min(dits, key=lambda name: dits[name]["fid"])
     target = versus[best]
     targets = {
-        "against": best, "best_dit_fid": dits[best]["fid"], "ecar_fid": ecar["fid"],
+        "against": best,
+        "best_dit_fid": dits[best]["fid"],
+        "ecar_fid": ecar["fid"],
         "fid_within_10pct": ecar["fid"] <= FID_TOLERANCE * dits[best]["fid"],
         "fid_verdict": target["verdict"],
         "flops_10x": target["flops_ratio"] >= FLOPS_TARGET,
@@ -403,12 +479,21 @@ def comparisons(rows: dict[str, dict[str, Any]], threshold: float) -> dict[str, 
         "latency_5x": {batch: ratio >= LATENCY_TARGET for batch, ratio in target["latency_ratio"].items()},
         "latency_ratio": target["latency_ratio"],
     }
-    targets["met"] = (targets["fid_within_10pct"] and targets["flops_10x"] and bool(targets["latency_5x"])
-                      and all(targets["latency_5x"].values()))
+    targets["met"] = (
+        targets["fid_within_10pct"]
+        and targets["flops_10x"]
+        and bool(targets["latency_5x"])
+        and all(targets["latency_5x"].values())
+    )
     # the E-CAR curve (default and cheaper schedules) against the DiT curve, by interpolating the
     # DiT's FID in log-FLOPs at each E-CAR point inside the DiT's FLOP range
-    ecar_curve = sorted(((r["sampling_gflops"], r["fid"], n) for n, r in rows.items()
-                         if r["model"] == "ecar" and "fid" in r and "/seed" not in n))
+    ecar_curve = sorted(
+        (
+            (r["sampling_gflops"], r["fid"], n)
+            for n, r in rows.items()
+            if r["model"] == "ecar" and "fid" in r and "/seed" not in n
+        )
+    )
     dit_curve = sorted((r["sampling_gflops"], r["fid"]) for r in dits.values())
     curve = []
     import math
@@ -418,83 +503,145 @@ def comparisons(rows: dict[str, dict[str, Any]], threshold: float) -> dict[str, 
             if x0 <= gflops <= x1:
                 w = (math.log(gflops) - math.log(x0)) / (math.log(x1) - math.log(x0))
                 dit_fid = y0 + w * (y1 - y0)
-                curve.append({"variant": name, "gflops": gflops, "ecar_fid": fid, "dit_fid_interpolated": dit_fid,
-                              "verdict": verdict(fid, dit_fid, threshold)})
+                curve.append(
+                    {
+                        "variant": name,
+                        "gflops": gflops,
+                        "ecar_fid": fid,
+                        "dit_fid_interpolated": dit_fid,
+                        "verdict": verdict(fid, dit_fid, threshold),
+                    }
+                )
     as_good = [name for name, row in dits.items() if row["fid"] <= ecar["fid"] + threshold]
     matched = min(as_good, key=lambda name: dits[name]["sampling_gflops"]) if as_good else None
-    return {"ecar_vs": versus, "targets": targets, "curve": curve,
-            "curve_at_or_below": all(point["verdict"] != "worse" for point in curve) if curve else None,
-            "cheapest_dit_as_good_as_ecar": matched}
+    return {
+        "ecar_vs": versus,
+        "targets": targets,
+        "curve": curve,
+        "curve_at_or_below": all(point["verdict"] != "worse" for point in curve) if curve else None,
+        "cheapest_dit_as_good_as_ecar": matched,
+    }
 
 
-COLUMNS = [("variant", "{}"), ("steps_per_stage", "{}"), ("fid", "{:.2f}"), ("precision", "{:.3f}"),
-           ("recall", "{:.3f}"), ("classifier_score", "{:.2f}"), ("sampling_gflops", "{:.2f}"),
-           ("latency_s_per_image_b1", "{:.4f}"), ("latency_s_per_image_b16", "{:.4f}"), ("samples", "{}")]
+COLUMNS = [
+    ("variant", "{}"),
+    ("steps_per_stage", "{}"),
+    ("fid", "{:.2f}"),
+    ("precision", "{:.3f}"),
+    ("recall", "{:.3f}"),
+    ("classifier_score", "{:.2f}"),
+    ("sampling_gflops", "{:.2f}"),
+    ("latency_s_per_image_b1", "{:.4f}"),
+    ("latency_s_per_image_b16", "{:.4f}"),
+    ("samples", "{}"),
+]
 FLOOR_NAMES = {"floor-real-train": "real train images", "floor-tokenizer": "tokenizer reconstructions of train images"}
 
 
 def markdown(result: dict[str, Any]) -> str:
     rows, compared, noise = result["variants"], result["comparisons"], result["seed_noise"]
     n = result["reference_images"]
-    lines = [f"# Headline: E-CAR vs flow-DiT on Fashion-MNIST latents ({result['scale']} scale)", "",
-             f"{result['date']}; every model trained {result['train_steps']} steps at batch "
-             f"{result['global_batch_size']} with the same schedule and data; {result['samples']} samples per row "
-             f"(class-balanced, the same (class, seed) rows for every row); FID, precision/recall (k = 3) and "
-             f"classifier score against the first {n} test images (FID-{n}: biased upwards against FID-50k, compare "
-             f"only within this table); CFG 1.5; latency on {result['machine']['cpus']} CPU cores, torch "
-             f"{result['machine']['torch']}, rows measured side by side.", "",
-             "| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# Headline: E-CAR vs flow-DiT on Fashion-MNIST latents ({result['scale']} scale)",
+        "",
+        f"{result['date']}; every model trained {result['train_steps']} steps at batch "
+        f"{result['global_batch_size']} with the same schedule and data; {result['samples']} samples per row "
+        f"(class-balanced, the same (class, seed) rows for every row); FID, precision/recall (k = 3) and "
+        f"classifier score against the first {n} test images (FID-{n}: biased upwards against FID-50k, compare "
+        f"only within this table); CFG 1.5; latency on {result['machine']['cpus']} CPU cores, torch "
+        f"{result['machine']['torch']}, rows measured side by side.",
+        "",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for row in rows.values():
         cells = [fmt.format(row[name]) if name in row else "-" for name, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Noise figures (N = {n} against the same test images):", "",
-              "| reference | FID | precision | recall | classifier score |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Noise figures (N = {n} against the same test images):",
+        "",
+        "| reference | FID | precision | recall | classifier score |",
+        "|---|---|---|---|---|",
+    ]
     for name, label in FLOOR_NAMES.items():
         if name in result["floors"]:
             f = result["floors"][name]
-            lines.append(f"| {label} (floor) | {f['fid']:.2f} | {f['precision']:.3f} | {f['recall']:.3f} | "
-                         f"{f['classifier_score']:.2f} |")
+            lines.append(
+                f"| {label} (floor) | {f['fid']:.2f} | {f['precision']:.3f} | {f['recall']:.3f} | "
+                f"{f['classifier_score']:.2f} |"
+            )
     for name, value in noise.items():
         if name == "tie_threshold":
             continue
         between = value["fid_between_seeds"]
-        lines.append(f"| {name}: seed 0 vs seed {SEED_ROW_SEED} | FID vs test {value['fid_seed0']:.2f} / "
-                     f"{value[f'fid_seed{SEED_ROW_SEED}']:.2f} (spread {value['fid_spread']:.2f}); FID between the "
-                     f"two seeds' samples {between:.2f} | | | |" if between is not None else
-                     f"| {name}: seed spread | {value['fid_spread']:.2f} | | | |")
-    lines += ["", f"FID differences of at most {noise.get('tie_threshold', 0.0):.2f} (the larger seed spread) are "
-              "reported as ties."]
+        lines.append(
+            f"| {name}: seed 0 vs seed {SEED_ROW_SEED} | FID vs test {value['fid_seed0']:.2f} / "
+            f"{value[f'fid_seed{SEED_ROW_SEED}']:.2f} (spread {value['fid_spread']:.2f}); FID between the "
+            f"two seeds' samples {between:.2f} | | | |"
+            if between is not None
+            else f"| {name}: seed spread | {value['fid_spread']:.2f} | | | |"
+        )
+    lines += [
+        "",
+        f"FID differences of at most {noise.get('tie_threshold', 0.0):.2f} (the larger seed spread) are "
+        "reported as ties.",
+    ]
     if compared:
-        lines += ["", "E-CAR (default schedule) against each flow-DiT setting (ratios > 1: E-CAR is cheaper):", "",
-                  "| flow-DiT setting | FID E-CAR / DiT | verdict | FLOPs DiT / E-CAR | latency DiT / E-CAR |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "E-CAR (default schedule) against each flow-DiT setting (ratios > 1: E-CAR is cheaper):",
+            "",
+            "| flow-DiT setting | FID E-CAR / DiT | verdict | FLOPs DiT / E-CAR | latency DiT / E-CAR |",
+            "|---|---|---|---|---|",
+        ]
         for name, ratio in compared["ecar_vs"].items():
             latency = ", ".join(f"{b} {r:.1f}x" for b, r in ratio["latency_ratio"].items()) or "-"
-            lines.append(f"| {name} | {ratio['fid_ratio']:.2f} | {ratio['verdict']} | {ratio['flops_ratio']:.1f}x | "
-                         f"{latency} |")
+            lines.append(
+                f"| {name} | {ratio['fid_ratio']:.2f} | {ratio['verdict']} | {ratio['flops_ratio']:.1f}x | {latency} |"
+            )
         t = compared["targets"]
-        latency_met = ", ".join(f"{b}: {r:.1f}x {'yes' if t['latency_5x'][b] else 'no'}"
-                                for b, r in t["latency_ratio"].items()) or "not measured"
-        lines += ["", f"Targets against the best-FID flow-DiT setting ({t['against']}, FID {t['best_dit_fid']:.2f}):",
-                  f"- E-CAR FID {t['ecar_fid']:.2f} <= 1.10 x {t['best_dit_fid']:.2f}: "
-                  f"{'yes' if t['fid_within_10pct'] else 'no'} (verdict within the seed noise: {t['fid_verdict']})",
-                  f"- >= 10x fewer FLOPs: {t['flops_ratio']:.1f}x, {'yes' if t['flops_10x'] else 'no'}",
-                  f"- >= 5x lower latency: {latency_met}",
-                  f"- all met: {'yes' if t['met'] else 'no'}",
-                  f"- cheapest flow-DiT setting with FID <= E-CAR's (+ noise): "
-                  f"{compared['cheapest_dit_as_good_as_ecar'] or 'none'}"]
+        latency_met = (
+            ", ".join(f"{b}: {r:.1f}x {'yes' if t['latency_5x'][b] else 'no'}" for b, r in t["latency_ratio"].items())
+            or "not measured"
+        )
+        lines += [
+            "",
+            f"Targets against the best-FID flow-DiT setting ({t['against']}, FID {t['best_dit_fid']:.2f}):",
+            f"- E-CAR FID {t['ecar_fid']:.2f} <= 1.10 x {t['best_dit_fid']:.2f}: "
+            f"{'yes' if t['fid_within_10pct'] else 'no'} (verdict within the seed noise: {t['fid_verdict']})",
+            f"- >= 10x fewer FLOPs: {t['flops_ratio']:.1f}x, {'yes' if t['flops_10x'] else 'no'}",
+            f"- >= 5x lower latency: {latency_met}",
+            f"- all met: {'yes' if t['met'] else 'no'}",
+            f"- cheapest flow-DiT setting with FID <= E-CAR's (+ noise): "
+            f"{compared['cheapest_dit_as_good_as_ecar'] or 'none'}",
+        ]
         if compared["curve"]:
-            lines += ["", "E-CAR's curve against the flow-DiT's at equal FLOPs (DiT FID interpolated in log FLOPs):", "",
-                      "| E-CAR row | GFLOPs | E-CAR FID | flow-DiT FID at these FLOPs | verdict |", "|---|---|---|---|---|"]
-            lines += [f"| {p['variant']} | {p['gflops']:.2f} | {p['ecar_fid']:.2f} | {p['dit_fid_interpolated']:.2f} | "
-                      f"{p['verdict']} |" for p in compared["curve"]]
-            lines.append(f"\nAt or below the flow-DiT curve at every shared budget: "
-                         f"{'yes' if compared['curve_at_or_below'] else 'no'}")
+            lines += [
+                "",
+                "E-CAR's curve against the flow-DiT's at equal FLOPs (DiT FID interpolated in log FLOPs):",
+                "",
+                "| E-CAR row | GFLOPs | E-CAR FID | flow-DiT FID at these FLOPs | verdict |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {p['variant']} | {p['gflops']:.2f} | {p['ecar_fid']:.2f} | {p['dit_fid_interpolated']:.2f} | "
+                f"{p['verdict']} |"
+                for p in compared["curve"]
+            ]
+            lines.append(
+                f"\nAt or below the flow-DiT curve at every shared budget: "
+                f"{'yes' if compared['curve_at_or_below'] else 'no'}"
+            )
     return "\n".join(lines) + "\n"
 
 
-CURVES = {"ecar": ("E-CAR (schedules)", "*-"), "ecar-full": ("E-CAR full window (FlowAR-like)", "s"),
-          "ecar-clean": ("E-CAR, AR fed the clean estimate", "D"), "dit": ("flow-DiT (Euler steps)", "o-")}
+CURVES = {
+    "ecar": ("E-CAR (schedules)", "*-"),
+    "ecar-full": ("E-CAR full window (FlowAR-like)", "s"),
+    "ecar-clean": ("E-CAR, AR fed the clean estimate", "D"),
+    "dit": ("flow-DiT (Euler steps)", "o-"),
+}
 
 
 def plot(rows: dict[str, dict[str, Any]], path: Path, reference_images: int) -> None:
@@ -505,14 +652,18 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, reference_images: int) -> 
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for model, (label, style) in CURVES.items():
-        points = sorted((r["sampling_gflops"], r["fid"], r["steps_per_stage"]) for n, r in rows.items()
-                        if r["model"] == model and "fid" in r and "/seed" not in n)
+        points = sorted(
+            (r["sampling_gflops"], r["fid"], r["steps_per_stage"])
+            for n, r in rows.items()
+            if r["model"] == model and "fid" in r and "/seed" not in n
+        )
         if not points:
             continue
         axes.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=9)
         for gflops, fid, steps in points:
-            axes.annotate("+".join(map(str, steps)), (gflops, fid), textcoords="offset points", xytext=(4, 4),
-                          fontsize=7)
+            axes.annotate(
+                "+".join(map(str, steps)), (gflops, fid), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
     axes.set_xscale("log")
     axes.set_xlabel("GFLOPs per image (sampling, CFG 1.5)")
     axes.set_ylabel(f"FID-{reference_images} (lower is better)")
@@ -533,8 +684,11 @@ def grid(variants: list[Variant], paths: Paths, path: Path, per_class: int = 2) 
 
     from ecar.sampler import read_samples
 
-    shown = [v for v in variants if v.sample and "/seed" not in v.name
-             and storage.exists(storage.join(paths.samples(v.name), "manifest.json"))]
+    shown = [
+        v
+        for v in variants
+        if v.sample and "/seed" not in v.name and storage.exists(storage.join(paths.samples(v.name), "manifest.json"))
+    ]
     if not shown:
         return
     columns = 10 * per_class
@@ -590,25 +744,41 @@ def loss_curves(paths: Paths, path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def report(variants: list[Variant], paths: Paths, scale_name: str, results: Path) -> dict[str, Any]:
     names = [v.name for v in variants] + [f"{v.name}/seed{SEED_ROW_SEED}" for v in variants]
-    rows = {name: json.loads(storage.read_text(paths.metrics(name))) for name in names
-            if storage.exists(paths.metrics(name))}
+    rows = {
+        name: json.loads(storage.read_text(paths.metrics(name)))
+        for name in names
+        if storage.exists(paths.metrics(name))
+    }
     if not rows:
         raise FileNotFoundError(f"no metrics under {storage.join(paths.root, 'metrics')}: run the evaluate part first")
-    between = {v.name: json.loads(storage.read_text(paths.metrics(f"{v.name}/between-seeds"))) for v in variants
-               if storage.exists(paths.metrics(f"{v.name}/between-seeds"))}
-    floors_found = {name: json.loads(storage.read_text(paths.metrics(name))) for name in FLOOR_NAMES
-                    if storage.exists(paths.metrics(name))}
+    between = {
+        v.name: json.loads(storage.read_text(paths.metrics(f"{v.name}/between-seeds")))
+        for v in variants
+        if storage.exists(paths.metrics(f"{v.name}/between-seeds"))
+    }
+    floors_found = {
+        name: json.loads(storage.read_text(paths.metrics(name)))
+        for name in FLOOR_NAMES
+        if storage.exists(paths.metrics(name))
+    }
     sampled = next(r for r in rows.values() if "fid" in r)
     noise = seed_noise(rows, between)
     result = {
         "what": "E-CAR vs flow-DiT of matched parameter count, same training budget, same sample rows",
-        "scale": scale_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "root": paths.root,
-        "manifest_uri": paths.manifest, "machine": machine(),
-        "train_steps": sampled["train_steps"], "global_batch_size": sampled["global_batch_size"],
-        "samples": sampled["samples"], "reference_images": sampled["reference_images"],
+        "scale": scale_name,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "root": paths.root,
+        "manifest_uri": paths.manifest,
+        "machine": machine(),
+        "train_steps": sampled["train_steps"],
+        "global_batch_size": sampled["global_batch_size"],
+        "samples": sampled["samples"],
+        "reference_images": sampled["reference_images"],
         "flop_convention": "multiply-add counted once (DiT's convention), counted by running generate()",
         "latency": "median seconds per image of generate() on this machine; rows take turns within each repeat",
-        "variants": rows, "floors": floors_found, "seed_noise": noise,
+        "variants": rows,
+        "floors": floors_found,
+        "seed_noise": noise,
         "comparisons": comparisons(rows, noise["tie_threshold"]),
         "loss_curves": loss_curves(paths, results / "headline-loss.png"),
     }
@@ -645,16 +815,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only train these models")
     parser.add_argument("--variants", nargs="+", help="only these rows (e.g. ecar dit@50; default: all)")
     parser.add_argument("--actors", type=int, default=2, help="sampling actors (1 CPU each)")
-    parser.add_argument("--results-dir", type=Path, help="report output (default: benchmarks/results, ROOT/results at --scale tiny)")
+    parser.add_argument(
+        "--results-dir", type=Path, help="report output (default: benchmarks/results, ROOT/results at --scale tiny)"
+    )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     args = parser.parse_args(argv)
 
-    scale = dataclasses.replace(SCALES[args.scale], train_steps=args.train_steps or SCALES[args.scale].train_steps,
-                                samples=args.samples or SCALES[args.scale].samples)
+    scale = dataclasses.replace(
+        SCALES[args.scale],
+        train_steps=args.train_steps or SCALES[args.scale].train_steps,
+        samples=args.samples or SCALES[args.scale].samples,
+    )
     dit_steps = tuple(args.dit_steps or DIT_STEPS[args.scale])
     root = args.root or ("outputs/headline" if args.scale == "full" else f"outputs/headline-{args.scale}")
-    paths = Paths(root=root, manifest=(args.manifest or storage.join(root, "latents")).removesuffix("/manifest.json"),
-                  tokenizer=args.tokenizer or storage.join(root, "tokenizer"))
+    paths = Paths(
+        root=root,
+        manifest=(args.manifest or storage.join(root, "latents")).removesuffix("/manifest.json"),
+        tokenizer=args.tokenizer or storage.join(root, "tokenizer"),
+    )
     results = args.results_dir or (RESULTS if args.scale == "full" else Path(root) / "results")
     started = time.perf_counter()
     try:
@@ -690,8 +868,10 @@ def main(argv: list[str] | None = None) -> int:
         if "report" in args.parts:
             result = report(variants, paths, args.scale, results)
             print((results / "headline.md").read_text())
-            print(f"wrote {results}/headline.json, headline.md, headline.png, headline-grid.png, headline-loss.png "
-                  f"({result['samples']} samples and {result['reference_images']} reference images per FID)")
+            print(
+                f"wrote {results}/headline.json, headline.md, headline.png, headline-grid.png, headline-loss.png "
+                f"({result['samples']} samples and {result['reference_images']} reference images per FID)"
+            )
     except USER_ERRORS as error:
         print(f"headline: {error}", file=sys.stderr)
         return 2

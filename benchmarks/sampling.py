@@ -66,9 +66,13 @@ def main() -> None:
     flops = {}
     for name, config in configs.items():
         report = count(config)
-        flops[name] = {"per_image": report.generation_total, "per_image_unguided": report.generation_unguided,
-                       "parameters": report.parameters, "steps_per_stage": list(config.flow.steps_per_stage),
-                       "cfg_scale": config.sampling.cfg_scale}
+        flops[name] = {
+            "per_image": report.generation_total,
+            "per_image_unguided": report.generation_unguided,
+            "parameters": report.parameters,
+            "steps_per_stage": list(config.flow.steps_per_stage),
+            "cfg_scale": config.sampling.cfg_scale,
+        }
         print(f"{name:<10} {report.parameters / 1e6:6.2f} M params  {report.generation_total / 1e9:9.3f} GFLOPs/image")
 
     latency: dict[str, dict[str, dict]] = {name: {} for name in models}
@@ -80,10 +84,14 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for name, model in models.items():
                     runs[name].append(time_once(model, batch, seed=repeat))
-                    print(f"batch {batch:>3} repeat {repeat} {name:<10} {runs[name][-1] * 1e3:10.1f} ms/image", flush=True)
+                    print(
+                        f"batch {batch:>3} repeat {repeat} {name:<10} {runs[name][-1] * 1e3:10.1f} ms/image", flush=True
+                    )
             for name in models:
-                latency[name][str(batch)] = {"median_s_per_image": statistics.median(runs[name]),
-                                             "runs_s_per_image": runs[name]}
+                latency[name][str(batch)] = {
+                    "median_s_per_image": statistics.median(runs[name]),
+                    "runs_s_per_image": runs[name],
+                }
 
     comparisons = {}
     for name in models:
@@ -105,8 +113,12 @@ def main() -> None:
     result = {
         "what": "per-image sampling cost, E-CAR vs flow-DiT of matched width/depth, CFG on, fresh weights",
         "flop_convention": "multiply-add counted once (DiT's convention), counted by running generate()",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine(),
+        },
         "presets": {"ecar": args.ecar_preset, "dit": args.dit_preset},
         "repeats": args.repeats,
         "flops": flops,

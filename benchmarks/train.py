@@ -43,7 +43,8 @@ MEMORY_NOTE = (
     "high-water mark: its floor is the Python/torch/DeepSpeed/Ray baseline plus what the allocator kept "
     "after every rank built the whole model before DeepSpeed partitioned it (ecar does not build under "
     "deepspeed.zero.Init, which would skip the model's in-place initialisation of partitioned parameters), "
-    "so at this size it does not show the ZeRO-3 saving; ZeRO-2 shows part of its saving.")
+    "so at this size it does not show the ZeRO-3 saving; ZeRO-2 shows part of its saving."
+)
 
 
 def _metric_windows(client, run_id: str, key: str) -> list[float]:
@@ -62,25 +63,39 @@ def _fit(preset: str, overrides: list[str], manifest: str, root: Path, name: str
 def throughput(manifest: str, root: Path, tracking: str, client) -> list[dict]:
     rows = []
     for workers in (1, 2):
-        overrides = [f"train.num_workers={workers}", "train.cpus_per_worker=0.5", "train.zero_stage=2",
-                     "train.micro_batch_size=16", "train.global_batch_size=32", "train.steps=24",
-                     "train.log_every=4", "train.sample_every=1000", "train.checkpoint_every=1000",
-                     "data.shuffle_buffer_rows=256"]
+        overrides = [
+            f"train.num_workers={workers}",
+            "train.cpus_per_worker=0.5",
+            "train.zero_stage=2",
+            "train.micro_batch_size=16",
+            "train.global_batch_size=32",
+            "train.steps=24",
+            "train.log_every=4",
+            "train.sample_every=1000",
+            "train.checkpoint_every=1000",
+            "data.shuffle_buffer_rows=256",
+        ]
         config, result, seconds = _fit("ecar-fmnist", overrides, manifest, root, f"throughput-{workers}", tracking)
         run = result.mlflow_run_id
         # the first window holds the warm-up (first batches, allocator growth): left out
         samples = _metric_windows(client, run, "samples_per_s_per_worker")[1:]
         tokens = _metric_windows(client, run, "tokens_per_s_per_worker")[1:]
         wait = _metric_windows(client, run, "data_wait_fraction")[1:]
-        rows.append({
-            "workers": workers, "preset": "ecar-fmnist", "zero_stage": 2,
-            "micro_batch_size": 16, "accumulation_steps": 32 // (16 * workers), "steps": 24,
-            "samples_per_s_per_worker": statistics.mean(samples),
-            "tokens_per_s_per_worker": statistics.mean(tokens),
-            "data_wait_fraction_mean": statistics.mean(wait),
-            "data_wait_fraction_max": max(wait),
-            "fit_wall_s": seconds,
-        })
+        rows.append(
+            {
+                "workers": workers,
+                "preset": "ecar-fmnist",
+                "zero_stage": 2,
+                "micro_batch_size": 16,
+                "accumulation_steps": 32 // (16 * workers),
+                "steps": 24,
+                "samples_per_s_per_worker": statistics.mean(samples),
+                "tokens_per_s_per_worker": statistics.mean(tokens),
+                "data_wait_fraction_mean": statistics.mean(wait),
+                "data_wait_fraction_max": max(wait),
+                "fit_wall_s": seconds,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(root / "out" / "runs" / f"throughput-{workers}", ignore_errors=True)
     return rows
@@ -97,27 +112,53 @@ def threads(manifest: str, root: Path, tracking: str, client, steps: int = 30, r
     per_setting: dict[str, list[float]] = {name: [] for name in THREAD_SETTINGS}
     for repeat in range(repeats):
         for index, (name, overrides) in enumerate(THREAD_SETTINGS.items()):
-            common = ["train.cpus_per_worker=0.5", "train.zero_stage=2", "train.global_batch_size=64",
-                      f"train.steps={steps}", "train.log_every=5", "train.sample_every=100000",
-                      "train.checkpoint_every=100000", "train.val_rows=0"]
+            common = [
+                "train.cpus_per_worker=0.5",
+                "train.zero_stage=2",
+                "train.global_batch_size=64",
+                f"train.steps={steps}",
+                "train.log_every=5",
+                "train.sample_every=100000",
+                "train.checkpoint_every=100000",
+                "train.val_rows=0",
+            ]
             run_name = f"threads-{index}-{repeat}"
             config, result, seconds = _fit("ecar-fmnist", common + overrides, manifest, root, run_name, tracking)
             workers = config.train.num_workers
             samples = _metric_windows(client, result.mlflow_run_id, "samples_per_s_per_worker")[1:]
             step_s = [config.train.global_batch_size / (rate * workers) for rate in samples]
             per_setting[name].extend(step_s)
-            print(json.dumps({"setting": name, "repeat": repeat, "s_per_step": statistics.median(step_s),
-                              "fit_wall_s": seconds}), flush=True)
+            print(
+                json.dumps(
+                    {"setting": name, "repeat": repeat, "s_per_step": statistics.median(step_s), "fit_wall_s": seconds}
+                ),
+                flush=True,
+            )
             shutil.rmtree(root / "out" / "runs" / run_name, ignore_errors=True)
-    rows = [{"setting": name, "overrides": THREAD_SETTINGS[name], "s_per_step_median": statistics.median(values),
-             "s_per_step_min": min(values), "s_per_step_max": max(values), "windows": len(values)}
-            for name, values in per_setting.items()]
+    rows = [
+        {
+            "setting": name,
+            "overrides": THREAD_SETTINGS[name],
+            "s_per_step_median": statistics.median(values),
+            "s_per_step_min": min(values),
+            "s_per_step_max": max(values),
+            "windows": len(values),
+        }
+        for name, values in per_setting.items()
+    ]
     fastest = min(rows, key=lambda row: row["s_per_step_median"])
     slowest = max(rows, key=lambda row: row["s_per_step_median"])
-    return {"preset": "ecar-fmnist", "global_batch_size": 64, "zero_stage": 2, "steps_per_run": steps,
-            "data": manifest, "rows": rows, "faster": fastest["setting"],
-            "speedup": slowest["s_per_step_median"] / fastest["s_per_step_median"],
-            "note": "5-step windows after the first (warm-up) of every run; runs alternate between settings"}
+    return {
+        "preset": "ecar-fmnist",
+        "global_batch_size": 64,
+        "zero_stage": 2,
+        "steps_per_run": steps,
+        "data": manifest,
+        "rows": rows,
+        "faster": fastest["setting"],
+        "speedup": slowest["s_per_step_median"] / fastest["s_per_step_median"],
+        "note": "5-step windows after the first (warm-up) of every run; runs alternate between settings",
+    }
 
 
 def expected_model_state_mib(params: int, stage: int, workers: int) -> float:
@@ -134,28 +175,44 @@ def memory(manifest: str, root: Path, tracking: str, client) -> dict:
     params = sum(p.numel() for p in build_model(get_config("ecar-b")).parameters())
     rows = []
     for stage in (0, 2, 3):
-        overrides = ["train.num_workers=2", "train.cpus_per_worker=0.5", f"train.zero_stage={stage}",
-                     "train.micro_batch_size=1", "train.global_batch_size=2", "train.steps=3",
-                     "train.log_every=1", "train.sample_every=1000", "train.checkpoint_every=1000",
-                     "train.use_gpu=false", "train.precision=fp32", "data.shuffle_buffer_rows=0"]
+        overrides = [
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            f"train.zero_stage={stage}",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=2",
+            "train.steps=3",
+            "train.log_every=1",
+            "train.sample_every=1000",
+            "train.checkpoint_every=1000",
+            "train.use_gpu=false",
+            "train.precision=fp32",
+            "data.shuffle_buffer_rows=0",
+        ]
         config, result, seconds = _fit("ecar-b", overrides, manifest, root, f"memory-zero{stage}", tracking)
         metrics = client.get_run(result.mlflow_run_id).data.metrics
-        rows.append({
-            "zero_stage": stage,
-            "model_state_mib_per_worker": metrics["model_state_mib_max_worker"],
-            "expected_model_state_mib_per_worker": expected_model_state_mib(params, stage, 2),
-            "peak_rss_during_steps_mib_max_worker": metrics["peak_rss_mib_max_worker"],
-            "peak_rss_growth_over_imports_mib_max_worker": metrics["peak_rss_growth_mib_max_worker"],
-            "fit_wall_s": seconds,
-        })
+        rows.append(
+            {
+                "zero_stage": stage,
+                "model_state_mib_per_worker": metrics["model_state_mib_max_worker"],
+                "expected_model_state_mib_per_worker": expected_model_state_mib(params, stage, 2),
+                "peak_rss_during_steps_mib_max_worker": metrics["peak_rss_mib_max_worker"],
+                "peak_rss_growth_over_imports_mib_max_worker": metrics["peak_rss_growth_mib_max_worker"],
+                "fit_wall_s": seconds,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         shutil.rmtree(root / "out" / "runs" / f"memory-zero{stage}", ignore_errors=True)
     for row in rows:
-        row["model_state_saving_vs_zero0_mib"] = rows[0]["model_state_mib_per_worker"] - row["model_state_mib_per_worker"]
-        row["expected_saving_vs_zero0_mib"] = (rows[0]["expected_model_state_mib_per_worker"]
-                                               - row["expected_model_state_mib_per_worker"])
-        row["peak_rss_saving_vs_zero0_mib"] = (rows[0]["peak_rss_during_steps_mib_max_worker"]
-                                               - row["peak_rss_during_steps_mib_max_worker"])
+        row["model_state_saving_vs_zero0_mib"] = (
+            rows[0]["model_state_mib_per_worker"] - row["model_state_mib_per_worker"]
+        )
+        row["expected_saving_vs_zero0_mib"] = (
+            rows[0]["expected_model_state_mib_per_worker"] - row["expected_model_state_mib_per_worker"]
+        )
+        row["peak_rss_saving_vs_zero0_mib"] = (
+            rows[0]["peak_rss_during_steps_mib_max_worker"] - row["peak_rss_during_steps_mib_max_worker"]
+        )
     return {"preset": "ecar-b", "parameters": params, "workers": 2, "micro_batch_size": 1, "rows": rows}
 
 
@@ -176,19 +233,29 @@ def main() -> int:
         init_ray(num_cpus=2)
         started = time.perf_counter()
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("parts", nargs="*", choices=["throughput", "memory", "threads"],
-                            help="what to (re-)measure; the others keep their recorded figures")
+        parser.add_argument(
+            "parts",
+            nargs="*",
+            choices=["throughput", "memory", "threads"],
+            help="what to (re-)measure; the others keep their recorded figures",
+        )
         parser.add_argument("--manifest", help="real latents for the threads part (default: synthetic)")
         args = parser.parse_args()
         parts = args.parts or ["throughput", "memory"]
         report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        report.update({
-            "what": __doc__.split("\n\n")[0],
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "device": "cpu",
-                        "note": "shared 2-core machine; other jobs may have been running"},
-            "data": "synthetic latents in the encode job's Parquet layout on local disk, read by "
-                    "ecar.data.reader.latent_dataset through Ray Data",
-        })
+        report.update(
+            {
+                "what": __doc__.split("\n\n")[0],
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "device": "cpu",
+                    "note": "shared 2-core machine; other jobs may have been running",
+                },
+                "data": "synthetic latents in the encode job's Parquet layout on local disk, read by "
+                "ecar.data.reader.latent_dataset through Ray Data",
+            }
+        )
         if "throughput" in parts:
             report["throughput"] = throughput(fmnist, root, tracking, client)
         if "threads" in parts:

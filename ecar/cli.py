@@ -41,8 +41,10 @@ def _presets(args: argparse.Namespace) -> int:
 
     for name in sorted(PRESETS):
         model = get_config(name).model
-        print(f"{name:<12} {model.kind:<5} width {model.width:<5} latent "
-              f"{model.latent_channels}x{model.latent_size}x{model.latent_size}")
+        print(
+            f"{name:<12} {model.kind:<5} width {model.width:<5} latent "
+            f"{model.latent_channels}x{model.latent_size}x{model.latent_size}"
+        )
     return 0
 
 
@@ -68,8 +70,9 @@ def _report(args: argparse.Namespace) -> int:
     if not experiment:
         raise ConfigError("name a sweep run or an experiment (ecar report NAME), or pass --experiment")
     runs = load_runs(tracking_uri, experiment, parent)
-    report = build_report(runs, Path(args.output), args.metric, args.mode, args.flops_metric,
-                          title=args.target or parent or experiment)
+    report = build_report(
+        runs, Path(args.output), args.metric, args.mode, args.flops_metric, title=args.target or parent or experiment
+    )
     if parent:
         log_report(tracking_uri, parent, report)
     print(report.markdown)
@@ -86,43 +89,48 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     flops = commands.add_parser(
-        "flops", help="parameters and FLOPs of a preset (forward and one generated image)",
+        "flops",
+        help="parameters and FLOPs of a preset (forward and one generated image)",
         description="Count parameters, FLOPs of one forward at batch 1, and FLOPs of generating one "
-                    "image, by running the real code under torch's FLOP counter (multiply-add = 1 FLOP).",
+        "image, by running the real code under torch's FLOP counter (multiply-add = 1 FLOP).",
         epilog="example: ecar flops dit-xl-2 --json",
     )
     flops.add_argument("preset", help="preset name (ecar presets lists them)")
     flops.add_argument("overrides", nargs="*", help="dotted overrides, e.g. flow.steps_per_stage=[8,8,8]")
     flops.add_argument("--json", action="store_true", help="print the report as JSON")
-    flops.add_argument("--forward-only", action="store_true",
-                       help="count one forward pass only, not the sampling loop")
+    flops.add_argument("--forward-only", action="store_true", help="count one forward pass only, not the sampling loop")
     flops.set_defaults(run=_flops)
 
-    presets = commands.add_parser("presets", help="list the named presets",
-                                  epilog="example: ecar presets")
+    presets = commands.add_parser("presets", help="list the named presets", epilog="example: ecar presets")
     presets.set_defaults(run=_presets)
 
-    config = commands.add_parser("config", help="print a preset's full config with overrides applied",
-                                 epilog="example: ecar config ecar-fmnist train.lr=1e-4 --json")
+    config = commands.add_parser(
+        "config",
+        help="print a preset's full config with overrides applied",
+        epilog="example: ecar config ecar-fmnist train.lr=1e-4 --json",
+    )
     config.add_argument("preset")
     config.add_argument("overrides", nargs="*")
     config.add_argument("--json", action="store_true")
     config.set_defaults(run=_config)
 
     report = commands.add_parser(
-        "report", help="rank a sweep's or an experiment's runs from MLflow; Pareto plot vs FLOPs",
+        "report",
+        help="rank a sweep's or an experiment's runs from MLflow; Pareto plot vs FLOPs",
         description="Read runs back from MLflow (search_runs) and write a ranked table (Markdown, CSV) and a "
-                    "Pareto plot of quality against sampling FLOPs; a sweep's report is also logged to its "
-                    "parent run.",
+        "Pareto plot of quality against sampling FLOPs; a sweep's report is also logged to its "
+        "parent run.",
         epilog="example: ecar report stages-20261129-061500 --metric fid\n"
-               "         ecar report --experiment ecar --metric eval/fid",
+        "         ecar report --experiment ecar --metric eval/fid",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("target", nargs="?", help="a sweep run's name (ecar tune --name) or an experiment's name")
     report.add_argument("--experiment", help="MLflow experiment name (instead of TARGET)")
     report.add_argument("--parent-run", help="with --experiment: a parent run id whose child runs are compared")
-    report.add_argument("--tracking-uri", help="default: tracking.tracking_uri, MLFLOW_TRACKING_URI, "
-                                               "else the embedded store outputs/mlflow.db")
+    report.add_argument(
+        "--tracking-uri",
+        help="default: tracking.tracking_uri, MLFLOW_TRACKING_URI, else the embedded store outputs/mlflow.db",
+    )
     report.add_argument("--metric", default="val_loss", help="the quality metric to rank by")
     report.add_argument("--mode", choices=["min", "max"], default="min")
     report.add_argument("--flops-metric", default="sampling_gflops")

@@ -214,7 +214,7 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
+    def from_dict(cls, data: dict[str, Any]) -> Config:
         return _build(cls, data, prefix="")
 
     def to_json(self) -> str:
@@ -224,7 +224,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_text(cls, text: str) -> "Config":
+    def from_text(cls, text: str) -> Config:
         """Parse JSON, else YAML (PyYAML's YAML 1.1 would read JSON's 3e-05 as a string)."""
         try:
             data = json.loads(text)
@@ -235,7 +235,7 @@ class Config:
         return cls.from_dict(data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Config":
+    def load(cls, path: str | Path) -> Config:
         return cls.from_text(Path(path).read_text())
 
     def save(self, path: str | Path) -> None:
@@ -246,7 +246,7 @@ class Config:
         """Dotted key -> value, e.g. for MLflow params."""
         return _flatten(self.to_dict())
 
-    def override(self, overrides: list[str] | dict[str, Any]) -> "Config":
+    def override(self, overrides: list[str] | dict[str, Any]) -> Config:
         """Apply `key=value` strings (values parsed as YAML) or a {dotted key: value} dict."""
         if isinstance(overrides, dict):
             pairs = list(overrides.items())
@@ -276,8 +276,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s} (known keys under {where}: "
-            f"{', '.join(sorted(known))})"
+            f"unknown config key {prefix}{unknown[0]!s} (known keys under {where}: {', '.join(sorted(known))})"
         )
     kwargs = {}
     for name, value in data.items():
@@ -394,12 +393,12 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def validate(config: Config) -> None:
     """Cross-field checks; each failure names the offending key."""
-    model, stages, flow, sampling, train = (
-        config.model, config.stages, config.flow, config.sampling, config.train
-    )
+    model, stages, flow, sampling, train = (config.model, config.stages, config.flow, config.sampling, config.train)
     for key in ("latent_channels", "latent_size", "num_classes", "width", "heads", "patch_size"):
         _check(getattr(model, key) > 0, f"model.{key}", "must be positive")
-    _check(model.width % model.heads == 0, "model.width", f"{model.width} is not divisible by model.heads={model.heads}")
+    _check(
+        model.width % model.heads == 0, "model.width", f"{model.width} is not divisible by model.heads={model.heads}"
+    )
     _check(model.flow_depth > 0, "model.flow_depth", "must be positive")
     _check(model.ar_depth > 0 or model.kind == "dit", "model.ar_depth", "must be positive for E-CAR")
     _check(0.0 <= model.class_dropout < 1.0, "model.class_dropout", "must lie in [0, 1)")
@@ -408,25 +407,59 @@ def validate(config: Config) -> None:
     grids = stages.grids
     _check(len(grids) >= 1, "stages.grids", "needs at least one stage")
     _check(all(b > a for a, b in zip(grids, grids[1:])), "stages.grids", f"{list(grids)} must be strictly increasing")
-    _check(grids[-1] == model.latent_size, "stages.grids", f"last grid {grids[-1]} must equal model.latent_size={model.latent_size}")
+    _check(
+        grids[-1] == model.latent_size,
+        "stages.grids",
+        f"last grid {grids[-1]} must equal model.latent_size={model.latent_size}",
+    )
     for i, g in enumerate(grids):
-        _check(model.latent_size % g == 0, f"stages.grids[{i}]", f"grid {g} does not divide the latent size {model.latent_size}")
-        _check(g % model.patch_size == 0, f"stages.grids[{i}]", f"grid {g} is not divisible by model.patch_size={model.patch_size}")
+        _check(
+            model.latent_size % g == 0,
+            f"stages.grids[{i}]",
+            f"grid {g} does not divide the latent size {model.latent_size}",
+        )
+        _check(
+            g % model.patch_size == 0,
+            f"stages.grids[{i}]",
+            f"grid {g} is not divisible by model.patch_size={model.patch_size}",
+        )
     for i, (coarse, fine) in enumerate(zip(grids, grids[1:])):
-        _check(fine % coarse == 0, f"stages.grids[{i + 1}]", f"grid {fine} is not a whole multiple of the previous grid {coarse} (up-sampling repeats whole blocks)")
+        _check(
+            fine % coarse == 0,
+            f"stages.grids[{i + 1}]",
+            f"grid {fine} is not a whole multiple of the previous grid {coarse} (up-sampling repeats whole blocks)",
+        )
     if model.kind == "dit":
         _check(len(grids) == 1, "stages.grids", "a flow-DiT has one stage: the full latent")
     if stages.window_edges is not None:
         edges = stages.window_edges
-        _check(len(edges) == len(grids) + 1, "stages.window_edges", f"needs {len(grids) + 1} edges for {len(grids)} stages, got {len(edges)}")
+        _check(
+            len(edges) == len(grids) + 1,
+            "stages.window_edges",
+            f"needs {len(grids) + 1} edges for {len(grids)} stages, got {len(edges)}",
+        )
         _check(all(0.0 <= e <= 1.0 for e in edges), "stages.window_edges", f"{list(edges)} has values outside [0, 1]")
         _check(edges[0] == 0.0 and edges[-1] == 1.0, "stages.window_edges", "must start at 0 and end at 1")
-        _check(all(b > a for a, b in zip(edges, edges[1:])), "stages.window_edges", f"{list(edges)} must be strictly increasing")
+        _check(
+            all(b > a for a, b in zip(edges, edges[1:])),
+            "stages.window_edges",
+            f"{list(edges)} must be strictly increasing",
+        )
     if stages.loss_weights is not None:
-        _check(len(stages.loss_weights) == len(grids), "stages.loss_weights", f"needs one weight per stage ({len(grids)})")
-        _check(all(w >= 0 for w in stages.loss_weights) and sum(stages.loss_weights) > 0, "stages.loss_weights", "must be non-negative with a positive sum")
+        _check(
+            len(stages.loss_weights) == len(grids), "stages.loss_weights", f"needs one weight per stage ({len(grids)})"
+        )
+        _check(
+            all(w >= 0 for w in stages.loss_weights) and sum(stages.loss_weights) > 0,
+            "stages.loss_weights",
+            "must be non-negative with a positive sum",
+        )
 
-    _check(len(flow.steps_per_stage) == len(grids), "flow.steps_per_stage", f"needs one step count per stage ({len(grids)}), got {list(flow.steps_per_stage)}")
+    _check(
+        len(flow.steps_per_stage) == len(grids),
+        "flow.steps_per_stage",
+        f"needs one step count per stage ({len(grids)}), got {list(flow.steps_per_stage)}",
+    )
     _check(all(k >= 1 for k in flow.steps_per_stage), "flow.steps_per_stage", "every stage needs at least one step")
     _check(flow.logit_normal_std > 0, "flow.logit_normal_std", "must be positive")
 
@@ -489,8 +522,11 @@ def _validate_data_and_tokenizer(config: Config) -> None:
     _check(tokenizer.perceptual_weight >= 0, "tokenizer.perceptual_weight", "must be non-negative")
     _check(tokenizer.cpus_per_worker > 0, "tokenizer.cpus_per_worker", "must be positive")
     _check(tokenizer.eval_images >= 1, "tokenizer.eval_images", "must be at least 1")
-    _check(tokenizer.fid_images == 0 or tokenizer.fid_images >= 2, "tokenizer.fid_images",
-           "must be 0 (skip) or at least 2 (a covariance needs two images)")
+    _check(
+        tokenizer.fid_images == 0 or tokenizer.fid_images >= 2,
+        "tokenizer.fid_images",
+        "must be 0 (skip) or at least 2 (a covariance needs two images)",
+    )
 
 
 def gradient_accumulation_steps(train: TrainConfig, world_size: int | None = None) -> int:
@@ -501,5 +537,6 @@ def gradient_accumulation_steps(train: TrainConfig, world_size: int | None = Non
     if world < 1 or train.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size: {train.global_batch_size} is not micro_batch_size "
-            f"({train.micro_batch_size}) x world size ({world}) x a whole number of accumulation steps")
+            f"({train.micro_batch_size}) x world size ({world}) x a whole number of accumulation steps"
+        )
     return train.global_batch_size // per_step

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,8 +20,12 @@ def step_scales(
     """The CFG scale at each Euler step of one stage (1.0 = no unconditional pass)."""
     return [
         guidance_scale(
-            sampling.cfg_scale, sampling.cfg_schedule, stage, num_stages,
-            start + (k / steps) * (end - start), sampling.guidance_interval,
+            sampling.cfg_scale,
+            sampling.cfg_schedule,
+            stage,
+            num_stages,
+            start + (k / steps) * (end - start),
+            sampling.guidance_interval,
         )
         for k in range(steps)
     ]

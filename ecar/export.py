@@ -24,8 +24,10 @@ from ecar.config import Config
 from ecar.models import ClassConditional, build_model
 
 SCHEMA_VERSION = 2  # 2: config_sha256 and content_sha256 (1: weights only)
-REQUIRED = {1: ("latent_scale", "manifest_uri", "step", "weights_sha256"),
-            2: ("latent_scale", "manifest_uri", "step", "weights_sha256", "config_sha256", "content_sha256")}
+REQUIRED = {
+    1: ("latent_scale", "manifest_uri", "step", "weights_sha256"),
+    2: ("latent_scale", "manifest_uri", "step", "weights_sha256", "config_sha256", "content_sha256"),
+}
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ def read_config(uri: str) -> Config:
     path = storage.join(uri, "config.json")
     text = storage.read_text(path)
     if "config_sha256" in metadata and hashlib.sha256(text.encode()).hexdigest() != metadata["config_sha256"]:
-        raise ValueError(f"{path} does not match the hash in export.json (edited or partial): it would build "
-                         "another model than the one trained")
+        raise ValueError(
+            f"{path} does not match the hash in export.json (edited or partial): it would build "
+            "another model than the one trained"
+        )
     return Config.from_text(text)
 
 
@@ -122,5 +126,10 @@ def load_exported(uri: str, device: torch.device | str = "cpu") -> Exported:
     blob = verify_weights(uri, metadata)
     model = build_model(config)
     model.load_state_dict(load_safetensors(blob))
-    return Exported(model=model.to(device).eval(), config=config, latent_scale=metadata["latent_scale"],
-                    manifest_uri=metadata["manifest_uri"], step=metadata["step"])
+    return Exported(
+        model=model.to(device).eval(),
+        config=config,
+        latent_scale=metadata["latent_scale"],
+        manifest_uri=metadata["manifest_uri"],
+        step=metadata["step"],
+    )

@@ -9,15 +9,15 @@ ONE FLOP, as in DiT's paper, so figures compare with its 118.6 GFLOPs for DiT-XL
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ecar.config import Config, SamplingConfig
-from ecar.models import ECAR, ClassConditional, build_model
 from ecar.euler import step_scales
+from ecar.models import ECAR, ClassConditional, build_model
 
 CONVENTION = "FLOPs count a multiply-add once (DiT's convention); element-wise ops are not counted"
 
@@ -158,8 +158,10 @@ def _fixed_and_step_costs(model: ClassConditional, sampling: SamplingConfig) -> 
 def _guided_steps(model: ClassConditional, sampling: SamplingConfig) -> list[int]:
     """Per stage, how many Euler steps run a CFG pair (the others: the conditional half only)."""
     layout, steps = model.layout, model.config.flow.steps_per_stage
-    return [sum(scale != 1.0 for scale in step_scales(sampling, s, layout.num_stages, *layout.windows[s], steps[s]))
-            for s in range(layout.num_stages)]
+    return [
+        sum(scale != 1.0 for scale in step_scales(sampling, s, layout.num_stages, *layout.windows[s], steps[s]))
+        for s in range(layout.num_stages)
+    ]
 
 
 def generation_flops(model: ClassConditional) -> tuple[list[StageFlops], list[StageFlops]]:
@@ -187,8 +189,10 @@ def generation_flops(model: ClassConditional) -> tuple[list[StageFlops], list[St
         cost = _linear((1, fixed), (guided, guided_step[s]), (steps[s] - guided, unguided_step[s]))
         return StageFlops(s, layout.grids[s], steps[s], **cost)
 
-    return ([stage(s, guided_fixed[s], guided_steps[s]) for s in range(layout.num_stages)],
-            [stage(s, unguided_fixed[s], 0) for s in range(layout.num_stages)])
+    return (
+        [stage(s, guided_fixed[s], guided_steps[s]) for s in range(layout.num_stages)],
+        [stage(s, unguided_fixed[s], 0) for s in range(layout.num_stages)],
+    )
 
 
 def decode_flops(config: Config) -> float | None:
@@ -224,8 +228,10 @@ def count(config: Config, generation: bool = True) -> FlopReport:
         stages, total, unguided = [], 0.0, 0.0
         notes.append("generation not counted (--forward-only)")
     if total > unguided:
-        notes.append(f"classifier-free guidance costs x{total / unguided:.2f} (a conditional and an "
-                     "unconditional pass at each guided step)")
+        notes.append(
+            f"classifier-free guidance costs x{total / unguided:.2f} (a conditional and an "
+            "unconditional pass at each guided step)"
+        )
     decode = decode_flops(config)
     if decode is None:
         notes.append("VAE decode: not counted (a diffusers VAE is only known once loaded)")
@@ -252,7 +258,8 @@ def format_report(report: FlopReport) -> str:
     lines = [
         f"preset {report.preset} ({report.kind})",
         f"parameters: {report.parameters / 1e6:.2f} M ("
-        + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in report.parameters_by_part.items()) + ")",
+        + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in report.parameters_by_part.items())
+        + ")",
         "one network forward, batch 1:",
     ]
     lines += [f"  {part:<28}{g(value)}FLOPs" for part, value in report.forward.items()]
@@ -260,13 +267,16 @@ def format_report(report: FlopReport) -> str:
         lines.append(f"generating one image (steps {list(report.steps_per_stage)}, cfg {report.cfg_scale}):")
         lines.append(f"  {'stage':<6}{'grid':>5}{'steps':>6}{'AR':>14}{'flow':>14}{'total':>14}")
         for stage in report.generation_stages:
-            lines.append(f"  {stage.stage:<6}{stage.grid:>5}{stage.steps:>6}{g(stage.ar):>14}"
-                         f"{g(stage.flow):>14}{g(stage.total):>14}")
-        lines.append(f"  total{g(report.generation_total)}FLOPs   "
-                     f"(without CFG:{g(report.generation_unguided)}FLOPs)")
+            lines.append(
+                f"  {stage.stage:<6}{stage.grid:>5}{stage.steps:>6}{g(stage.ar):>14}"
+                f"{g(stage.flow):>14}{g(stage.total):>14}"
+            )
+        lines.append(f"  total{g(report.generation_total)}FLOPs   (without CFG:{g(report.generation_unguided)}FLOPs)")
     if report.decode is not None:
-        lines.append(f"  VAE decode (the configured KL-VAE){g(report.decode)}FLOPs; "
-                     f"with decode:{g(report.generation_total + report.decode)}FLOPs")
+        lines.append(
+            f"  VAE decode (the configured KL-VAE){g(report.decode)}FLOPs; "
+            f"with decode:{g(report.generation_total + report.decode)}FLOPs"
+        )
     lines += [f"note: {note}" for note in report.notes]
     lines.append(f"note: {report.convention}")
     return "\n".join(lines)

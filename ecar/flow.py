@@ -9,13 +9,12 @@ along a straight line, so the velocity target is `end - start` and the global ti
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def gaussian(
@@ -206,9 +205,7 @@ def clean_estimate(
     return (end_state_BCHW - (1.0 - end) * noise) / end
 
 
-def combine_guidance(
-    velocity_cond: torch.Tensor, velocity_uncond: torch.Tensor, scale: float
-) -> torch.Tensor:
+def combine_guidance(velocity_cond: torch.Tensor, velocity_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: v = v_u + w (v_c - v_u)."""
     return velocity_uncond + scale * (velocity_cond - velocity_uncond)
 

@@ -45,7 +45,7 @@ class StageLayout:
     full_window: bool = False
 
     @classmethod
-    def from_config(cls, config: Config) -> "StageLayout":
+    def from_config(cls, config: Config) -> StageLayout:
         return cls(
             grids=tuple(config.stages.grids),
             patch_size=config.model.patch_size,

@@ -9,8 +9,8 @@ sits near DiT-B (12), ecar-l (10 + 10) near DiT-L (24), ecar-xl (12 + 12) near D
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from ecar.config import (
     Config,
@@ -49,19 +49,31 @@ def ecar_debug() -> Config:
     """A few seconds on CPU: tiny widths, 3 stages over an 8x8x4 latent."""
     return Config(
         preset="ecar-debug",
-        model=ModelConfig(latent_channels=4, latent_size=8, num_classes=10, width=64, heads=2,
-                          patch_size=1, ar_depth=1, flow_depth=2),
+        model=ModelConfig(
+            latent_channels=4, latent_size=8, num_classes=10, width=64, heads=2, patch_size=1, ar_depth=1, flow_depth=2
+        ),
         stages=StagesConfig(grids=(2, 4, 8)),
         flow=FlowConfig(steps_per_stage=(2, 2, 2)),
         sampling=SamplingConfig(cfg_scale=1.5, batch_size=16, num_images=32),
-        train=TrainConfig(steps=20, global_batch_size=16, micro_batch_size=8, lr=1e-3,
-                          warmup_steps=2, ema_decay=0.9, log_every=5, sample_every=10,
-                          checkpoint_every=10, cpus_per_worker=0.5),
-        data=DataConfig(image_size=16, shard_rows=256, encode_batch_size=64, encode_cpus_per_actor=0.5,
-                        quarantine_limit=0.05),
+        train=TrainConfig(
+            steps=20,
+            global_batch_size=16,
+            micro_batch_size=8,
+            lr=1e-3,
+            warmup_steps=2,
+            ema_decay=0.9,
+            log_every=5,
+            sample_every=10,
+            checkpoint_every=10,
+            cpus_per_worker=0.5,
+        ),
+        data=DataConfig(
+            image_size=16, shard_rows=256, encode_batch_size=64, encode_cpus_per_actor=0.5, quarantine_limit=0.05
+        ),
         # maps 16x16 images to the 8x8x4 latent
-        tokenizer=TokenizerConfig(width=16, steps=20, batch_size=16, lr=2e-3, cpus_per_worker=0.5,
-                                  eval_images=64, fid_images=16),
+        tokenizer=TokenizerConfig(
+            width=16, steps=20, batch_size=16, lr=2e-3, cpus_per_worker=0.5, eval_images=64, fid_images=16
+        ),
     )
 
 
@@ -70,13 +82,22 @@ def ecar_fmnist() -> Config:
     """Fashion-MNIST at 32x32 through a 16x16x4 latent; stages 4, 8, 16 (patch 2: 4, 16, 64 tokens)."""
     return Config(
         preset="ecar-fmnist",
-        model=ModelConfig(latent_channels=4, latent_size=16, num_classes=10, width=256, heads=4,
-                          patch_size=2, ar_depth=4, flow_depth=4),
+        model=ModelConfig(
+            latent_channels=4,
+            latent_size=16,
+            num_classes=10,
+            width=256,
+            heads=4,
+            patch_size=2,
+            ar_depth=4,
+            flow_depth=4,
+        ),
         stages=StagesConfig(grids=(4, 8, 16)),
         flow=FlowConfig(steps_per_stage=(10, 10, 10)),
         sampling=SamplingConfig(cfg_scale=1.5, batch_size=100, num_images=5000),
-        train=TrainConfig(steps=20000, global_batch_size=128, micro_batch_size=64, lr=3e-4,
-                          warmup_steps=500, ema_decay=0.999),
+        train=TrainConfig(
+            steps=20000, global_batch_size=128, micro_batch_size=64, lr=3e-4, warmup_steps=500, ema_decay=0.999
+        ),
         data=DataConfig(image_size=32, image_channels=1),
         # 32x32 images (Fashion-MNIST's 28x28 resized) to a 16x16x4 latent
         tokenizer=TokenizerConfig(width=32, steps=600, batch_size=64, lr=2e-3),
@@ -87,14 +108,31 @@ def _imagenet_ecar(name: str, width: int, heads: int, ar_depth: int, flow_depth:
     """ImageNet-256 on a 16x16x16 latent, patch 1: stages 4, 8, 16 end on 256 tokens, as DiT/2 does."""
     return Config(
         preset=name,
-        model=ModelConfig(latent_channels=16, latent_size=16, num_classes=1000, width=width,
-                          heads=heads, patch_size=1, ar_depth=ar_depth, flow_depth=flow_depth),
+        model=ModelConfig(
+            latent_channels=16,
+            latent_size=16,
+            num_classes=1000,
+            width=width,
+            heads=heads,
+            patch_size=1,
+            ar_depth=ar_depth,
+            flow_depth=flow_depth,
+        ),
         stages=StagesConfig(grids=(4, 8, 16)),
         flow=FlowConfig(steps_per_stage=(10, 10, 10)),
         sampling=SamplingConfig(cfg_scale=1.5, batch_size=64, num_images=50000),
-        train=TrainConfig(steps=400000, global_batch_size=256, micro_batch_size=32, lr=1e-4,
-                          min_lr=1e-4, lr_schedule="constant", num_workers=8, use_gpu=True,
-                          precision="bf16", ema_decay=0.9999),
+        train=TrainConfig(
+            steps=400000,
+            global_batch_size=256,
+            micro_batch_size=32,
+            lr=1e-4,
+            min_lr=1e-4,
+            lr_schedule="constant",
+            num_workers=8,
+            use_gpu=True,
+            precision="bf16",
+            ema_decay=0.9999,
+        ),
         data=DataConfig(source="image_folder", image_size=256, image_channels=3),
     )
 

@@ -11,7 +11,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from ecar.log import get_logger
 
@@ -50,7 +51,9 @@ class Progress:
             tenth = done * 10 // self.total
             if tenth >= self.next_tenth or (done == self.total and self.done < self.total):
                 extra = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in postfix.items())
-                log.info("%s: %d/%d %s (%d%%)%s", self.desc, done, self.total, self.unit, 100 * done // self.total, extra)
+                log.info(
+                    "%s: %d/%d %s (%d%%)%s", self.desc, done, self.total, self.unit, 100 * done // self.total, extra
+                )
                 self.next_tenth = tenth + 1
         self.done = done
 
@@ -68,7 +71,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,8 +86,15 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterat
 
 
 @contextlib.contextmanager
-def _polled(total: int, desc: str, unit: str, read: Callable[[], tuple[int, dict[str, float]] | None],
-            every_s: float, status: Callable[[], str] | None = None, status_every_s: float = 60.0) -> Iterator[None]:
+def _polled(
+    total: int,
+    desc: str,
+    unit: str,
+    read: Callable[[], tuple[int, dict[str, float]] | None],
+    every_s: float,
+    status: Callable[[], str] | None = None,
+    status_every_s: float = 60.0,
+) -> Iterator[None]:
     """Shows `Progress` for work running elsewhere while the block runs: a thread calls `read`
     (latest step and metrics, or None) every `every_s`, and once more when the block ends.
     Until the first count, `status()` (what the work is doing) is shown when it changes, and at
@@ -127,8 +137,9 @@ def _polled(total: int, desc: str, unit: str, read: Callable[[], tuple[int, dict
 
 
 @contextlib.contextmanager
-def training_progress(tracking_uri: str, run_id: str, total_steps: int, desc: str = "train",
-                      every_s: float = 5.0) -> Iterator[None]:
+def training_progress(
+    tracking_uri: str, run_id: str, total_steps: int, desc: str = "train", every_s: float = 5.0
+) -> Iterator[None]:
     """Shows a Ray Train run's progress on the driver while the block runs: the rank-0 worker
     logs `loss` to MLflow every train.log_every steps, and a thread reads its latest step back."""
     if mode() == "off" or not run_id:

@@ -49,8 +49,9 @@ def resolve_target(tracking_uri: str, target: str) -> tuple[str, str | None]:
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiments = client.search_experiments()
     if experiments:
-        found = client.search_runs([e.experiment_id for e in experiments],
-                                   filter_string=f"tags.`ecar.sweep_run` = '{target}'", max_results=1)
+        found = client.search_runs(
+            [e.experiment_id for e in experiments], filter_string=f"tags.`ecar.sweep_run` = '{target}'", max_results=1
+        )
         if found:
             return client.get_experiment(found[0].info.experiment_id).name, found[0].info.run_id
     if client.get_experiment_by_name(target) is None:
@@ -66,7 +67,8 @@ def pareto_front(frame: pd.DataFrame, quality: str, flops: str, mode: str) -> pd
     for i, (q, f) in enumerate(points):
         dominated = any(
             sign * q2 <= sign * q and f2 <= f and (sign * q2 < sign * q or f2 < f)
-            for j, (q2, f2) in enumerate(points) if j != i
+            for j, (q2, f2) in enumerate(points)
+            if j != i
         )
         keep.append(not dominated)
     return frame[keep]
@@ -82,8 +84,10 @@ def build_report(
 ) -> Report:
     quality_column, flops_column = f"metrics.{quality}", f"metrics.{flops}"
     if quality_column not in runs:
-        raise ValueError(f"no run logged the metric {quality!r} (have: "
-                         f"{', '.join(c[8:] for c in runs.columns if c.startswith('metrics.'))})")
+        raise ValueError(
+            f"no run logged the metric {quality!r} (have: "
+            f"{', '.join(c[8:] for c in runs.columns if c.startswith('metrics.'))})"
+        )
     params = [c for c in runs.columns if c.startswith("params.")]
     # only the parameters that differ between runs say what the sweep varied
     varied = [c for c in params if runs[c].nunique(dropna=False) > 1]
@@ -94,11 +98,15 @@ def build_report(
     table = runs[columns + varied].copy()
     table = table.sort_values(quality_column, ascending=mode == "min", na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
-    table.columns = [c.removeprefix("metrics.").removeprefix("params.").removeprefix("tags.mlflow.") for c in table.columns]
+    table.columns = [
+        c.removeprefix("metrics.").removeprefix("params.").removeprefix("tags.mlflow.") for c in table.columns
+    ]
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": output_dir / "report.csv", "markdown": output_dir / "report.md"}
     table.to_csv(files["csv"], index=False)
-    markdown = f"# {title}\n\nranked by `{quality}` ({mode})\n\n" + table.to_markdown(index=False, floatfmt=".4g") + "\n"
+    markdown = (
+        f"# {title}\n\nranked by `{quality}` ({mode})\n\n" + table.to_markdown(index=False, floatfmt=".4g") + "\n"
+    )
     files["markdown"].write_text(markdown)
     pareto = pd.DataFrame()
     if flops in table and table[flops].notna().any():

@@ -23,7 +23,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     if address is None:
         # the dashboard (on loopback) is what lets Ray Train clean up after a dead controller
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
+        )
     else:
         ray.init(address=address)

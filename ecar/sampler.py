@@ -13,17 +13,18 @@ import dataclasses
 import io
 import json
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ecar import storage
-from ecar.seeds import derived_seed
 from ecar.config import Config, ConfigError
 from ecar.export import Exported, load_exported, read_config, read_metadata
 from ecar.log import get_logger
+from ecar.seeds import derived_seed
 
 SCHEMA_VERSION = 1
 log = get_logger(__name__)
@@ -139,11 +140,22 @@ def existing_shards(output_uri: str) -> set[str]:
     return {posixpath.basename(uri) for uri in storage.list_files(storage.join(output_uri, "shards"), ".npz")}
 
 
-def check_arguments(config: Config, num_images: int, labels: list[int] | None, shard_size: int, batch_size: int,
-                    actors: int, cpus_per_actor: float) -> None:
+def check_arguments(
+    config: Config,
+    num_images: int,
+    labels: list[int] | None,
+    shard_size: int,
+    batch_size: int,
+    actors: int,
+    cpus_per_actor: float,
+) -> None:
     """A sampling request's user errors, named, before Ray starts or the output is claimed."""
-    for name, value in (("--num-images", num_images), ("--shard-size", shard_size), ("--batch-size", batch_size),
-                        ("--actors", actors)):
+    for name, value in (
+        ("--num-images", num_images),
+        ("--shard-size", shard_size),
+        ("--batch-size", batch_size),
+        ("--actors", actors),
+    ):
         if value < 1:
             raise ValueError(f"{name}: {value} must be at least 1")
     if not cpus_per_actor > 0:
@@ -181,22 +193,38 @@ def sample_to_storage(
     check_arguments(config, num_images, labels, shard_size, batch_size, actors, cpus_per_actor)
     plan = plan_shards(num_images, shard_size)
     metadata = read_metadata(checkpoint_uri)
-    identity = {"checkpoint_sha256": metadata["content_sha256"],
-                "overrides": overrides, "labels": labels, "num_images": num_images, "shard_size": shard_size}
+    identity = {
+        "checkpoint_sha256": metadata["content_sha256"],
+        "overrides": overrides,
+        "labels": labels,
+        "num_images": num_images,
+        "shard_size": shard_size,
+    }
     storage.claim_output(output_uri, identity, "samples")
     done = existing_shards(output_uri)
     pending = [shard for shard in plan if shard.name not in done]
-    log.info("sampling %d images: %d shards, %d already on storage, %d to do",
-             num_images, len(plan), len(plan) - len(pending), len(pending))
+    log.info(
+        "sampling %d images: %d shards, %d already on storage, %d to do",
+        num_images,
+        len(plan),
+        len(plan) - len(pending),
+        len(pending),
+    )
     if pending:
-        rows = ray.data.from_items([{"start": s.start, "count": s.count} for s in pending],
-                                   override_num_blocks=len(pending))
+        rows = ray.data.from_items(
+            [{"start": s.start, "count": s.count} for s in pending], override_num_blocks=len(pending)
+        )
         gpus = 1 if torch.cuda.is_available() else 0
         results = rows.map_batches(
             ShardSampler,
-            fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "output_uri": output_uri,
-                                   "overrides": overrides, "labels": labels, "batch_size": batch_size,
-                                   "decoder_factory": decoder_factory},
+            fn_constructor_kwargs={
+                "checkpoint_uri": checkpoint_uri,
+                "output_uri": output_uri,
+                "overrides": overrides,
+                "labels": labels,
+                "batch_size": batch_size,
+                "decoder_factory": decoder_factory,
+            },
             batch_size=1,
             compute=ActorPoolStrategy(size=actors),
             num_gpus=gpus,

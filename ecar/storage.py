@@ -53,15 +53,16 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         segments = part.replace("\\", "/").split("/")
         if part.startswith(("/", "\\")) or "://" in part or ".." in segments:
-            raise ValueError(f"{part!r} would leave {uri}: names joined to a storage path must be relative, "
-                             "without '..'")
+            raise ValueError(
+                f"{part!r} would leave {uri}: names joined to a storage path must be relative, without '..'"
+            )
     if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return str(Path(uri.removeprefix("file://"), *parts))
 
 
 def endpoint_url(storage: StorageConfig | None = None) -> str:
-    return (storage.endpoint_url if storage and storage.endpoint_url else os.environ.get("AWS_ENDPOINT_URL", ""))
+    return storage.endpoint_url if storage and storage.endpoint_url else os.environ.get("AWS_ENDPOINT_URL", "")
 
 
 def region(storage: StorageConfig | None = None) -> str:
@@ -172,8 +173,9 @@ def delete(uri: str, storage: StorageConfig | None = None) -> None:
         fs.rm(path, recursive=True)
 
 
-def claim_output(prefix: str, identity: dict[str, Any], what: str, name: str = "run.json",
-                 storage: StorageConfig | None = None) -> None:
+def claim_output(
+    prefix: str, identity: dict[str, Any], what: str, name: str = "run.json", storage: StorageConfig | None = None
+) -> None:
     """Record what an output folder holds (`prefix/name`), or check that a re-run asks for the
     same thing: a job that fills missing shards must never mix in shards of another run.
     `what` names the contents in the error ("samples", "latents")."""
@@ -182,8 +184,10 @@ def claim_output(prefix: str, identity: dict[str, Any], what: str, name: str = "
         recorded = json.loads(read_text(uri, storage))
         if recorded != identity:
             changed = sorted(k for k in {*identity, *recorded} if recorded.get(k) != identity.get(k))
-            raise ValueError(f"{prefix} already holds {what} of a different run (differs in "
-                             f"{', '.join(changed)}); use a new output or delete it")
+            raise ValueError(
+                f"{prefix} already holds {what} of a different run (differs in "
+                f"{', '.join(changed)}); use a new output or delete it"
+            )
         return
     write_text_atomic(uri, json.dumps(identity, indent=2), storage)
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ecar.config import Config
 
@@ -46,9 +46,26 @@ def local_tracking_server(backend_uri: str, artifacts_dir: str, timeout_s: float
     log_path = Path(artifacts_dir).parent / f"mlflow-server-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_dir, "--workers", "1"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                backend_uri,
+                "--artifacts-destination",
+                artifacts_dir,
+                "--workers",
+                "1",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -58,8 +75,10 @@ def local_tracking_server(backend_uri: str, artifacts_dir: str, timeout_s: float
                     break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the MLflow server for {backend_uri} did not start; its log "
-                                       f"{log_path}:\n{log_path.read_text()[-2000:]}") from None
+                    raise RuntimeError(
+                        f"the MLflow server for {backend_uri} did not start; its log "
+                        f"{log_path}:\n{log_path.read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.5)
         yield url
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ecar.config import USER_ERRORS, Config
 from ecar.presets import get_config
@@ -19,8 +19,12 @@ def base_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def run(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None,
-        work: Callable[[argparse.Namespace, Config], str]) -> int:
+def run(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    work: Callable[[argparse.Namespace, Config], str],
+) -> int:
     """Parse, build the config (validated before Ray starts), call `work`; print its summary line."""
     args = parser.parse_args(argv)
     try:

@@ -34,8 +34,10 @@ def work(args: argparse.Namespace, config: Config) -> str:
         figures = {"latent_scale": manifest["latent_scale"], "quarantined": manifest["quarantined"]}
         figures.update({f"rows_{split}": info["rows"] for split, info in manifest["splits"].items()})
         log_to_mlflow(config, "encode", images, output, figures)
-    parts = ", ".join(f"{split}: {info['rows']} latents ({info['quarantined']} quarantined)"
-                      for split, info in manifest["splits"].items())
+    parts = ", ".join(
+        f"{split}: {info['rows']} latents ({info['quarantined']} quarantined)"
+        for split, info in manifest["splits"].items()
+    )
     return f"encoded into {output}: {parts}; latent scale {manifest['latent_scale']:.4f}"
 
 

@@ -19,8 +19,9 @@ from ecar.tracking import resolve_tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecar evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ecar evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", required=True, help="output URI of `ecar sample`")
     parser.add_argument("--manifest", default="", help="latent manifest (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="real split to compare with (default: test)")

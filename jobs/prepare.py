@@ -21,8 +21,10 @@ def work(args: argparse.Namespace, config: Config) -> str:
     if not output:
         raise ValueError("give --output URI or data.images_uri=URI")
     manifest = prepare_images(config, output, limit_per_split=args.limit)
-    parts = ", ".join(f"{split}: {info['rows']} images ({info['quarantined']} quarantined)"
-                      for split, info in manifest["splits"].items())
+    parts = ", ".join(
+        f"{split}: {info['rows']} images ({info['quarantined']} quarantined)"
+        for split, info in manifest["splits"].items()
+    )
     return f"prepared {output}: {parts}"
 
 

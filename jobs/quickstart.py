@@ -46,12 +46,22 @@ class Scale:
 # run, 300 E-CAR steps at batch 32 and FID on 500 samples. It shows the whole system working;
 # the models it trains are far from converged (benchmarks/headline.py trains for real).
 SCALES = {
-    "default": Scale(images_per_split=8000, tokenizer_steps=250, train_steps=300, batch_size=32, samples=500,
-                     latency_batches=(1, 16)),
-    "full": Scale(images_per_split=None, tokenizer_steps=600, train_steps=2000, batch_size=32, samples=2000,
-                  latency_batches=(1, 16), ema_decay=0.998, validate=True),
-    "quick": Scale(images_per_split=256, tokenizer_steps=20, train_steps=6, batch_size=32, samples=16,
-                   latency_batches=(1,)),
+    "default": Scale(
+        images_per_split=8000, tokenizer_steps=250, train_steps=300, batch_size=32, samples=500, latency_batches=(1, 16)
+    ),
+    "full": Scale(
+        images_per_split=None,
+        tokenizer_steps=600,
+        train_steps=2000,
+        batch_size=32,
+        samples=2000,
+        latency_batches=(1, 16),
+        ema_decay=0.998,
+        validate=True,
+    ),
+    "quick": Scale(
+        images_per_split=256, tokenizer_steps=20, train_steps=6, batch_size=32, samples=16, latency_batches=(1,)
+    ),
 }
 
 
@@ -116,8 +126,8 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
     from ecar.runtime import init_ray
     from ecar.sampler import sample_to_storage
-    from ecar.train.tokenizer import train_tokenizer
     from ecar.tracking import resolve_tracking_uri
+    from ecar.train.tokenizer import train_tokenizer
     from jobs.train import train_job
 
     root = config.storage.root
@@ -143,8 +153,14 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     step("train")
     result = train_job(config, "quickstart", address, tracking_uri)
     step("sample")
-    sample_to_storage(result.export_uri, samples_uri, scale.samples, shard_size=max(16, scale.samples // 4),
-                      batch_size=50, cpus_per_actor=1.0)
+    sample_to_storage(
+        result.export_uri,
+        samples_uri,
+        scale.samples,
+        shard_size=max(16, scale.samples // 4),
+        batch_size=50,
+        cpus_per_actor=1.0,
+    )
     grid_path = save_grid(samples_uri, storage.join(root, "samples.png"), read_manifest(latents_uri)["class_names"])
     step("evaluate")
     if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -158,17 +174,30 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     names = list(timings)
     durations = {names[i]: round(timings[names[i + 1]] - timings[names[i]], 1) for i in range(len(names) - 1)}
     manifest = read_manifest(latents_uri, config.storage)
-    return {"root": root, "tracking_uri": tracking_uri, "mlflow_run_id": result.mlflow_run_id,
-            "export_uri": result.export_uri, "samples_uri": samples_uri, "sample_grid": grid_path, "latent_scale": manifest["latent_scale"],
-            "fid": metrics["fid"], "precision": metrics["precision"], "recall": metrics["recall"],
-            "classifier_score": metrics["classifier_score"], "real_classifier_score": metrics["real_classifier_score"],
-            "fid_images": metrics["fake_images"], "sampling_gflops": metrics["sampling_gflops"],
-            "seconds": durations, "total_seconds": round(sum(durations.values()), 1)}
+    return {
+        "root": root,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": result.mlflow_run_id,
+        "export_uri": result.export_uri,
+        "samples_uri": samples_uri,
+        "sample_grid": grid_path,
+        "latent_scale": manifest["latent_scale"],
+        "fid": metrics["fid"],
+        "precision": metrics["precision"],
+        "recall": metrics["recall"],
+        "classifier_score": metrics["classifier_score"],
+        "real_classifier_score": metrics["real_classifier_score"],
+        "fid_images": metrics["fake_images"],
+        "sampling_gflops": metrics["sampling_gflops"],
+        "seconds": durations,
+        "total_seconds": round(sum(durations.values()), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ecar quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ecar quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--storage", default="outputs/quickstart", help="storage root, local or s3://")
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

@@ -12,14 +12,15 @@ import argparse
 import sys
 
 from ecar.config import USER_ERRORS
-from ecar.runtime import init_ray
 from ecar.export import read_config, verify_weights
+from ecar.runtime import init_ray
 from ecar.sampler import check_arguments, sample_to_storage, sampling_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecar sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ecar sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="exported checkpoint URI (local or s3://)")
     parser.add_argument("--output", required=True, help="output URI for shards and manifest.json")
     parser.add_argument("--num-images", type=int, required=True)
@@ -49,12 +50,22 @@ def main(argv: list[str] | None = None) -> int:
         # every user error before Ray starts: the config (and its hash), the overrides, the
         # arguments, the weights' hash
         config = sampling_config(read_config(args.checkpoint), args.overrides)
-        check_arguments(config, args.num_images, labels, args.shard_size, args.batch_size, args.actors,
-                        args.cpus_per_actor)
+        check_arguments(
+            config, args.num_images, labels, args.shard_size, args.batch_size, args.actors, args.cpus_per_actor
+        )
         verify_weights(args.checkpoint)
         init_ray(args.address)
-        manifest = sample_to_storage(args.checkpoint, args.output, args.num_images, args.overrides, labels,
-                                     args.shard_size, args.batch_size, args.actors, args.cpus_per_actor)
+        manifest = sample_to_storage(
+            args.checkpoint,
+            args.output,
+            args.num_images,
+            args.overrides,
+            labels,
+            args.shard_size,
+            args.batch_size,
+            args.actors,
+            args.cpus_per_actor,
+        )
     except USER_ERRORS as error:
         print(f"ecar sample: {error}", file=sys.stderr)
         return 2

@@ -20,8 +20,9 @@ log = get_logger("ecar.jobs.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecar train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ecar train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", required=True, help="preset name (ecar presets lists them)")
     parser.add_argument("--manifest", help="latent data set: prefix or manifest.json URI (default: data.manifest_uri)")
     parser.add_argument("--output", help="storage root for runs, local or s3:// (default: storage.root)")
@@ -58,8 +59,9 @@ def train_job(config: Config, name: str, address: str | None = None, tracking_ur
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     source = preflight(config, config.data.manifest_uri, tracking_uri)  # before any worker exists
     init_ray(address)
-    dataset = latent_dataset(source.manifest, "train", config.storage, seed=config.train.seed,
-                             validate=False)  # preflight read the manifest and checked the footers
+    dataset = latent_dataset(
+        source.manifest, "train", config.storage, seed=config.train.seed, validate=False
+    )  # preflight read the manifest and checked the footers
     return fit(config, source, dataset, name, tracking_uri)
 
 
@@ -72,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"ecar train: {error}", file=sys.stderr)
         return 2
-    print(f"run {result.name}: {result.metrics.get('step', '?')} steps; checkpoint {result.checkpoint_uri}; "
-          f"exported EMA {result.export_uri}; MLflow run {result.mlflow_run_id}")
+    print(
+        f"run {result.name}: {result.metrics.get('step', '?')} steps; checkpoint {result.checkpoint_uri}; "
+        f"exported EMA {result.export_uri}; MLflow run {result.mlflow_run_id}"
+    )
     return 0
 
 

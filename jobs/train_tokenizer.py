@@ -30,7 +30,10 @@ def work(args: argparse.Namespace, config: Config) -> str:
     if not args.no_track:
         log_to_mlflow(config, "tokenizer", images, output, metrics)
     fid = f", rFID {metrics['rfid']:.2f}" if "rfid" in metrics else ""
-    return f"tokenizer in {output}: PSNR {metrics['psnr']:.2f} dB{fid} on {metrics['eval_images']} {args.eval_split} images"
+    return (
+        f"tokenizer in {output}: PSNR {metrics['psnr']:.2f} dB{fid}"
+        f" on {metrics['eval_images']} {args.eval_split} images"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

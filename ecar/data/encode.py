@@ -16,10 +16,10 @@ row is one latent (4 KB at 16x16x4), small next to the images the actors read.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +28,7 @@ import torch
 from ecar import storage
 from ecar.config import Config, ConfigError
 from ecar.data import quarantine as q
-from ecar.data.manifest import (LATENT_DTYPE, SCHEMA_VERSION, latent_shard_uri, quarantine_shard_uri,
-                                write_manifest)
+from ecar.data.manifest import LATENT_DTYPE, SCHEMA_VERSION, latent_shard_uri, quarantine_shard_uri, write_manifest
 from ecar.data.prepare import image_shard_uris, pixels_to_unit, read_images_manifest
 from ecar.data.shards import read_footer, write_table
 from ecar.data.sources import BadImage, decode_image, to_array, to_mode
@@ -96,7 +95,7 @@ class ShardEncoder:
             if array is not None:
                 arrays.append(array)
                 good.append(row)
-        dim = self.config.model.latent_channels * self.config.model.latent_size ** 2
+        dim = self.config.model.latent_channels * self.config.model.latent_size**2
         latent = np.zeros((n, dim), dtype=np.float32)
         flipped = np.zeros((n, dim), dtype=np.float32)
         if good:
@@ -108,9 +107,14 @@ class ShardEncoder:
             if not (np.isfinite(latent[row]).all() and np.isfinite(flipped[row]).all()):
                 reasons[row] = "non-finite latent"
         labels = np.asarray([-1 if r else int(batch["label"][i]) for i, r in enumerate(reasons)], dtype=np.int64)
-        out = {"path": batch["path"], "id": np.asarray([str(i) if not _is_missing(i) else "" for i in batch["id"]], dtype=object),
-               "source": np.asarray([str(s) if s is not None else "" for s in batch["source"]], dtype=object),
-               "label": labels, "reason": np.asarray(reasons, dtype=object), "latent": latent}
+        out = {
+            "path": batch["path"],
+            "id": np.asarray([str(i) if not _is_missing(i) else "" for i in batch["id"]], dtype=object),
+            "source": np.asarray([str(s) if s is not None else "" for s in batch["source"]], dtype=object),
+            "label": labels,
+            "reason": np.asarray(reasons, dtype=object),
+            "latent": latent,
+        }
         if self.flip:
             out["latent_flip"] = flipped
         return out
@@ -137,25 +141,35 @@ def _write_shard(prefix: str, split: str, name: str, pieces: list[dict[str, np.n
         else:
             keep.append(row)
         previous = id or previous
-    dim = config.model.latent_channels * config.model.latent_size ** 2
+    dim = config.model.latent_channels * config.model.latent_size**2
     latent = columns["latent"][keep] if keep else np.zeros((0, dim), np.float32)
-    arrays = {"id": pa.array(ids[keep] if keep else [], pa.string()),
-              "label": pa.array(columns["label"][keep] if keep else [], pa.int64()),
-              "latent": pa.FixedSizeListArray.from_arrays(pa.array(latent.reshape(-1), pa.float32()), dim)}
+    arrays = {
+        "id": pa.array(ids[keep] if keep else [], pa.string()),
+        "label": pa.array(columns["label"][keep] if keep else [], pa.int64()),
+        "latent": pa.FixedSizeListArray.from_arrays(pa.array(latent.reshape(-1), pa.float32()), dim),
+    }
     if flip:
         flipped = columns["latent_flip"][keep] if keep else np.zeros((0, dim), np.float32)
         arrays["latent_flip"] = pa.FixedSizeListArray.from_arrays(pa.array(flipped.reshape(-1), pa.float32()), dim)
     table = pa.table(arrays, schema=latent_schema(dim, flip))
     values = latent.astype(np.float64)
-    stats = {"rows": len(keep), "sum": float(values.sum()), "sum_squares": float((values ** 2).sum()),
-             "values": int(values.size)}
+    stats = {
+        "rows": len(keep),
+        "sum": float(values.sum()),
+        "sum_squares": float((values**2).sum()),
+        "values": int(values.size),
+    }
     bad.write(quarantine_shard_uri(prefix, split, name), config.storage)
     write_table(latent_shard_uri(prefix, split, name), table, config.storage, metadata=stats)
 
 
-def encode_latents(config: Config, images_uri: str, output_uri: str,
-                   fault_after_shards: int | None = None,
-                   on_shard: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+def encode_latents(
+    config: Config,
+    images_uri: str,
+    output_uri: str,
+    fault_after_shards: int | None = None,
+    on_shard: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
     """Encode every prepared image shard under `images_uri` into `output_uri`; returns the manifest.
 
     `fault_after_shards` (tests): raise after writing that many shards in this run, as a job
@@ -171,22 +185,37 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
         config = config.override({"tokenizer.checkpoint_uri": storage.absolute(config.tokenizer.checkpoint_uri)})
     images = read_images_manifest(images_uri, config)
     if (images["image_size"], images["image_channels"]) != (config.data.image_size, config.data.image_channels):
-        raise ConfigError(f"data.image_size: the shards at {images_uri} hold {images['image_size']}x"
-                          f"{images['image_size']}x{images['image_channels']} images, the config asks for "
-                          f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}")
+        raise ConfigError(
+            f"data.image_size: the shards at {images_uri} hold {images['image_size']}x"
+            f"{images['image_size']}x{images['image_channels']} images, the config asks for "
+            f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}"
+        )
     class_names = images["class_names"]
     if len(class_names) != config.model.num_classes:
-        raise ConfigError(f"model.num_classes: {config.model.num_classes} but the images have "
-                          f"{len(class_names)} classes")
+        raise ConfigError(
+            f"model.num_classes: {config.model.num_classes} but the images have {len(class_names)} classes"
+        )
     tokenizer = load_tokenizer(config)  # fail here, before any actor starts
-    shape = list(tokenizer.model.encode(torch.zeros(1, config.data.image_channels, config.data.image_size,
-                                                    config.data.image_size)).shape[1:])
+    shape = list(
+        tokenizer.model.encode(
+            torch.zeros(1, config.data.image_channels, config.data.image_size, config.data.image_size)
+        ).shape[1:]
+    )
     expected = [config.model.latent_channels, config.model.latent_size, config.model.latent_size]
     if shape != expected:
         raise ConfigError(f"model.latent_size: the tokenizer makes {shape} latents, the config expects {expected}")
-    storage.claim_output(output_uri, {"tokenizer": tokenizer.identity, "images_uri": images_uri,
-                                      "flip_augment": config.data.flip_augment, "latent_shape": shape},
-                         "latents", CLAIM_NAME, config.storage)
+    storage.claim_output(
+        output_uri,
+        {
+            "tokenizer": tokenizer.identity,
+            "images_uri": images_uri,
+            "flip_augment": config.data.flip_augment,
+            "latent_shape": shape,
+        },
+        "latents",
+        CLAIM_NAME,
+        config.storage,
+    )
 
     # which input files still need a latent shard
     filesystem, _ = storage.arrow_fs(images_uri, config.storage)
@@ -224,11 +253,14 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
         pool_cpus = config.data.encode_actors * config.data.encode_cpus_per_actor
         if pool_cpus > resources.get("CPU", 0) - 1:
             # actors that hold every CPU starve the read tasks feeding them: the job would hang
-            raise ConfigError(f"data.encode_actors: {config.data.encode_actors} actors x data.encode_cpus_per_actor="
-                              f"{config.data.encode_cpus_per_actor} take {pool_cpus:g} of the cluster's "
-                              f"{resources.get('CPU', 0):g} CPUs; leave at least one CPU for reading the image shards")
-        dataset = (ray.data.read_parquet(list(pending), filesystem=filesystem, include_paths=True)
-                   .select_columns(["path", "id", "image", "label", "source"]))
+            raise ConfigError(
+                f"data.encode_actors: {config.data.encode_actors} actors x data.encode_cpus_per_actor="
+                f"{config.data.encode_cpus_per_actor} take {pool_cpus:g} of the cluster's "
+                f"{resources.get('CPU', 0):g} CPUs; leave at least one CPU for reading the image shards"
+            )
+        dataset = ray.data.read_parquet(list(pending), filesystem=filesystem, include_paths=True).select_columns(
+            ["path", "id", "image", "label", "source"]
+        )
         encoded = dataset.map_batches(
             ShardEncoder,
             fn_constructor_kwargs={"config": config.to_dict(), "num_classes": len(class_names)},
@@ -257,8 +289,14 @@ def encode_latents(config: Config, images_uri: str, output_uri: str,
     return finalize(config, images_uri, images, output_uri, tokenizer.identity, shape)
 
 
-def finalize(config: Config, images_uri: str, images: dict[str, Any], output_uri: str,
-             tokenizer_identity: dict[str, Any], shape: list[int]) -> dict[str, Any]:
+def finalize(
+    config: Config,
+    images_uri: str,
+    images: dict[str, Any],
+    output_uri: str,
+    tokenizer_identity: dict[str, Any],
+    shape: list[int],
+) -> dict[str, Any]:
     """Check every shard (present; rows + quarantined = input rows; ids unique), apply the
     quarantine limit, measure the latent scale from the shard footers, write the manifest."""
     store = config.storage
@@ -269,8 +307,14 @@ def finalize(config: Config, images_uri: str, images: dict[str, Any], output_uri
         shards = []
         for uri in image_shard_uris(images_uri, split, images):
             name = uri.rsplit("/", 1)[-1]
-            shards.append((name, latent_shard_uri(output_uri, split, name), quarantine_shard_uri(output_uri, split, name),
-                           read_footer(uri, store)[0]))
+            shards.append(
+                (
+                    name,
+                    latent_shard_uri(output_uri, split, name),
+                    quarantine_shard_uri(output_uri, split, name),
+                    read_footer(uri, store)[0],
+                )
+            )
         splits[split], footers = q.verify_split(f"encode {split}", shards, config.data.quarantine_limit, store)
         if split == scale_split:
             for stats in footers:
@@ -279,7 +323,7 @@ def finalize(config: Config, images_uri: str, images: dict[str, Any], output_uri
     if totals["values"] == 0:
         raise ValueError(f"no usable rows in the {scale_split} split: cannot measure the latent scale")
     mean = totals["sum"] / totals["values"]
-    std = math.sqrt(max(totals["sum_squares"] / totals["values"] - mean ** 2, 0.0))
+    std = math.sqrt(max(totals["sum_squares"] / totals["values"] - mean**2, 0.0))
     if std == 0.0:
         raise ValueError("the latents have zero variance: the tokenizer is degenerate")
     manifest = {
@@ -302,6 +346,8 @@ def finalize(config: Config, images_uri: str, images: dict[str, Any], output_uri
         "quarantined": sum(s["quarantined"] for s in splits.values()),
     }
     write_manifest(output_uri, manifest, store)
-    log.info("encode: manifest written: %s", ", ".join(f"{k} {v['rows']} rows ({v['quarantined']} quarantined)"
-                                                     for k, v in splits.items()))
+    log.info(
+        "encode: manifest written: %s",
+        ", ".join(f"{k} {v['rows']} rows ({v['quarantined']} quarantined)" for k, v in splits.items()),
+    )
     return manifest

@@ -65,8 +65,11 @@ def read_manifest(uri: str, storage_config: StorageConfig | None = None) -> dict
         manifest = json.loads(storage.read_text(location, storage_config))
     except json.JSONDecodeError as error:
         raise ValueError(f"{location}: not JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION \
-            or manifest.get("kind") != "latents":
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("schema_version") != SCHEMA_VERSION
+        or manifest.get("kind") != "latents"
+    ):
         raise ValueError(f"{location}: not a latent manifest of schema version {SCHEMA_VERSION}")
     _check_keys(manifest, location)
     return {**manifest, "prefix": prefix}

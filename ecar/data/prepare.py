@@ -22,8 +22,17 @@ from ecar import storage
 from ecar.config import Config
 from ecar.data import quarantine as q
 from ecar.data.shards import IMAGE_SCHEMA, read_table, shard_name, write_table
-from ecar.data.sources import (BadImage, ImageRecord, ImageSource, decode_image, encode_png,
-                               open_source, resize_center_crop, to_array, to_mode)
+from ecar.data.sources import (
+    BadImage,
+    ImageRecord,
+    ImageSource,
+    decode_image,
+    encode_png,
+    open_source,
+    resize_center_crop,
+    to_array,
+    to_mode,
+)
 from ecar.log import get_logger
 from ecar.progress import track
 
@@ -41,8 +50,9 @@ def preprocess(record: ImageRecord, size: int, channels: int) -> bytes:
     return encode_png(to_array(picture))
 
 
-def _prepare_shard(source: ImageSource, split: str, keys: list[str], config: Config,
-                   num_classes: int) -> tuple[pa.Table, q.Quarantine]:
+def _prepare_shard(
+    source: ImageSource, split: str, keys: list[str], config: Config, num_classes: int
+) -> tuple[pa.Table, q.Quarantine]:
     rows: list[dict[str, Any]] = []
     bad = q.Quarantine()
     seen: set[str] = set()
@@ -61,14 +71,21 @@ def _prepare_shard(source: ImageSource, split: str, keys: list[str], config: Con
             png = preprocess(record, config.data.image_size, config.data.image_channels)
         except BadImage as error:
             reason = str(error)
-            bad.add(record.id, record.source, reason if reason.startswith(q.UNDECODABLE) else f"{q.UNDECODABLE}: {reason}")
+            bad.add(
+                record.id, record.source, reason if reason.startswith(q.UNDECODABLE) else f"{q.UNDECODABLE}: {reason}"
+            )
             continue
         rows.append({"id": record.id, "image": png, "label": int(record.label), "source": record.source})
     return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), bad
 
 
-def prepare_images(config: Config, output_uri: str, source: ImageSource | None = None,
-                   splits: list[str] | None = None, limit_per_split: int | None = None) -> dict[str, Any]:
+def prepare_images(
+    config: Config,
+    output_uri: str,
+    source: ImageSource | None = None,
+    splits: list[str] | None = None,
+    limit_per_split: int | None = None,
+) -> dict[str, Any]:
     """Write the image shards of `source` (default: `data.source`) under `output_uri`; returns
     the images manifest. `limit_per_split` takes the first N records of each split (tests,
     quick runs); it is recorded in the manifest."""
@@ -79,7 +96,7 @@ def prepare_images(config: Config, output_uri: str, source: ImageSource | None =
     manifest_splits: dict[str, Any] = {}
     for split in splits:
         keys = source.keys(split)[:limit_per_split]
-        chunks = [keys[i:i + config.data.shard_rows] for i in range(0, len(keys), config.data.shard_rows)]
+        chunks = [keys[i : i + config.data.shard_rows] for i in range(0, len(keys), config.data.shard_rows)]
         done = set(storage.list_files(storage.join(output_uri, split), ".parquet", store))
         written = 0
         for index, chunk in track(enumerate(chunks), len(chunks), f"prepare {split}", "shards"):
@@ -90,18 +107,36 @@ def prepare_images(config: Config, output_uri: str, source: ImageSource | None =
             bad.write(storage.join(output_uri, "quarantine", split, shard_name(index)), store)
             write_table(target, table, store, metadata={"source_rows": len(chunk)})
             written += 1
-        log.info("prepare %s/%s: %d shards (%d written now, %d already there)", source.name, split,
-                 len(chunks), written, len(chunks) - written)
+        log.info(
+            "prepare %s/%s: %d shards (%d written now, %d already there)",
+            source.name,
+            split,
+            len(chunks),
+            written,
+            len(chunks) - written,
+        )
         manifest_splits[split], _ = q.verify_split(
             f"prepare {split}",
-            [(shard_name(i), storage.join(output_uri, split, shard_name(i)),
-              storage.join(output_uri, "quarantine", split, shard_name(i)), len(chunk)) for i, chunk in enumerate(chunks)],
-            config.data.quarantine_limit, store)
+            [
+                (
+                    shard_name(i),
+                    storage.join(output_uri, split, shard_name(i)),
+                    storage.join(output_uri, "quarantine", split, shard_name(i)),
+                    len(chunk),
+                )
+                for i, chunk in enumerate(chunks)
+            ],
+            config.data.quarantine_limit,
+            store,
+        )
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "images",
-        "source": {"kind": source.name, "uri": getattr(source, "uri", getattr(source, "root", "")),
-                   "limit_per_split": limit_per_split},
+        "source": {
+            "kind": source.name,
+            "uri": getattr(source, "uri", getattr(source, "root", "")),
+            "limit_per_split": limit_per_split,
+        },
         "image_size": config.data.image_size,
         "image_channels": config.data.image_channels,
         "class_names": class_names,

@@ -76,8 +76,9 @@ def counts_by_reason(table: pa.Table) -> dict[str, int]:
     return dict(sorted(Counter(reason_kind(r) for r in table.column("reason").to_pylist()).items()))
 
 
-def verify_split(what: str, shards: list[tuple[str, str, str, int]], limit: float,
-                 storage_config: StorageConfig | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def verify_split(
+    what: str, shards: list[tuple[str, str, str, int]], limit: float, storage_config: StorageConfig | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """No row lost, none duplicated, before any manifest is written.
 
     `shards`: (name, output shard URI, its quarantine URI, input rows) for every shard of a
@@ -104,6 +105,11 @@ def verify_split(what: str, shards: list[tuple[str, str, str, int]], limit: floa
     table = read_quarantine(quarantine_uris, storage_config)
     input_total = sum(shard[3] for shard in shards)
     check_limit(what, table, input_total, limit)
-    summary = {"rows": sum(s["rows"] for s in summaries), "quarantined": table.num_rows, "input_rows": input_total,
-               "quarantine_reasons": counts_by_reason(table), "shards": summaries}
+    summary = {
+        "rows": sum(s["rows"] for s in summaries),
+        "quarantined": table.num_rows,
+        "input_rows": input_total,
+        "quarantine_reasons": counts_by_reason(table),
+        "shards": summaries,
+    }
     return summary, footers

@@ -25,7 +25,8 @@ epoch, and the same draw when an epoch is replayed after a restart.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -51,8 +52,12 @@ def as_manifest(manifest: str | dict[str, Any], storage_config: StorageConfig | 
     return manifest if isinstance(manifest, dict) else read_manifest(manifest, storage_config)
 
 
-def validate_latents(uri: str | dict[str, Any], splits: list[str] | None = None,
-                     storage_config: StorageConfig | None = None, values: bool = True) -> dict[str, Any]:
+def validate_latents(
+    uri: str | dict[str, Any],
+    splits: list[str] | None = None,
+    storage_config: StorageConfig | None = None,
+    values: bool = True,
+) -> dict[str, Any]:
     """Check every shard of `splits` (default: all) against the manifest; returns the manifest.
 
     Footer checks (cheap): the file exists, its row count is the manifest's, `latent` (and
@@ -74,10 +79,13 @@ def validate_latents(uri: str | dict[str, Any], splits: list[str] | None = None,
                 if column not in schema.names:
                     raise LatentValidationError(f"{file}: no `{column}` column")
                 kind = schema.field(column).type
-                if not (pa.types.is_fixed_size_list(kind) and kind.list_size == dim
-                        and kind.value_type == pa.float32()):
-                    raise LatentValidationError(f"{file}: `{column}` is {kind}, the manifest says "
-                                                f"{manifest['latent_dtype']} x {dim} ({manifest['latent_shape']})")
+                if not (
+                    pa.types.is_fixed_size_list(kind) and kind.list_size == dim and kind.value_type == pa.float32()
+                ):
+                    raise LatentValidationError(
+                        f"{file}: `{column}` is {kind}, the manifest says "
+                        f"{manifest['latent_dtype']} x {dim} ({manifest['latent_shape']})"
+                    )
             if "label" not in schema.names or schema.field("label").type != pa.int64():
                 raise LatentValidationError(f"{file}: `label` must be an int64 column")
             if values:
@@ -93,15 +101,17 @@ def _validate_values(file: str, manifest: dict[str, Any], storage_config: Storag
         finite = np.isfinite(flat.reshape(-1, dim)).all(axis=1)
         if not finite.all():
             row = int(np.argmin(finite))
-            raise LatentValidationError(f"{file}: row {row} (id {table.column('id')[row].as_py()!r}) has a "
-                                        f"NaN or Inf in `{column}`")
+            raise LatentValidationError(
+                f"{file}: row {row} (id {table.column('id')[row].as_py()!r}) has a NaN or Inf in `{column}`"
+            )
     labels = table.column("label")
     bad = pc.or_(pc.is_null(labels), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, manifest["num_classes"])))
     bad = bad.combine_chunks().fill_null(True).to_numpy(zero_copy_only=False)
     if bad.any():
         row = int(np.argmax(bad))
-        raise LatentValidationError(f"{file}: row {row} has label {labels[row].as_py()!r}, "
-                                    f"not in [0, {manifest['num_classes']})")
+        raise LatentValidationError(
+            f"{file}: row {row} has label {labels[row].as_py()!r}, not in [0, {manifest['num_classes']})"
+        )
 
 
 def _to_tensors(shape: list[int], scale: float, flip: bool, keep_ids: bool):
@@ -122,9 +132,16 @@ def _to_tensors(shape: list[int], scale: float, flip: bool, keep_ids: bool):
     return convert
 
 
-def latent_dataset(uri: str | dict[str, Any], split: str = "train", storage_config: StorageConfig | None = None,
-                   seed: int | None = None, scaled: bool = True, flip: str = "random",
-                   keep_ids: bool = False, validate: bool = True):
+def latent_dataset(
+    uri: str | dict[str, Any],
+    split: str = "train",
+    storage_config: StorageConfig | None = None,
+    seed: int | None = None,
+    scaled: bool = True,
+    flip: str = "random",
+    keep_ids: bool = False,
+    validate: bool = True,
+):
     """A streaming Ray Dataset over the latents of `split` (layout in the module docstring).
 
     `uri`: the latent prefix, its manifest.json or the manifest already read. `seed` fixes the file order (None: a fresh
@@ -133,7 +150,9 @@ def latent_dataset(uri: str | dict[str, Any], split: str = "train", storage_conf
     """
     import ray
 
-    manifest = validate_latents(uri, [split], storage_config, values=False) if validate else as_manifest(uri, storage_config)
+    manifest = (
+        validate_latents(uri, [split], storage_config, values=False) if validate else as_manifest(uri, storage_config)
+    )
     files = shard_uris(manifest, split)
     filesystem, _ = storage.arrow_fs(files[0] if files else manifest["prefix"], storage_config)
     paths = [storage.arrow_fs(f, storage_config)[1] for f in files]
@@ -141,14 +160,22 @@ def latent_dataset(uri: str | dict[str, Any], split: str = "train", storage_conf
     columns = ["label", "latent"] + (["latent_flip"] if use_flip else []) + (["id"] if keep_ids else [])
     shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else "files"
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle).select_columns(columns)
-    convert = _to_tensors(manifest["latent_shape"], manifest["latent_scale"] if scaled else 1.0, use_flip,
-                          keep_ids)
+    convert = _to_tensors(manifest["latent_shape"], manifest["latent_scale"] if scaled else 1.0, use_flip, keep_ids)
     return dataset.map_batches(convert, batch_format="pyarrow")
 
 
-def torch_batches(dataset, batch_size: int, shuffle_buffer_rows: int, seed: int | None = None,
-                  device: str = "cpu", drop_last: bool = True, *, epoch: int = 0, rank: int = 0,
-                  prefetch_batches: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def torch_batches(
+    dataset,
+    batch_size: int,
+    shuffle_buffer_rows: int,
+    seed: int | None = None,
+    device: str = "cpu",
+    drop_last: bool = True,
+    *,
+    epoch: int = 0,
+    rank: int = 0,
+    prefetch_batches: int = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Epoch `epoch` of `dataset` (a Ray Dataset, or a Ray Train worker's shard of one) as
     {"latent": (B, C, h, w) float32, "label": (B,) int64}.
 
@@ -159,10 +186,14 @@ def torch_batches(dataset, batch_size: int, shuffle_buffer_rows: int, seed: int 
     """
     buffer = shuffle_buffer_rows or None
     batches = dataset.iter_torch_batches(
-        batch_size=batch_size, device=device, drop_last=drop_last, prefetch_batches=prefetch_batches,
+        batch_size=batch_size,
+        device=device,
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
         dtypes={"latent": torch.float32, "latent_flip": torch.float32, "label": torch.int64},
         local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=seed * 100003 + epoch if buffer and seed is not None else None)
+        local_shuffle_seed=seed * 100003 + epoch if buffer and seed is not None else None,
+    )
     for index, batch in enumerate(batches):
         latent = batch["latent"]
         if "latent_flip" in batch:
@@ -173,8 +204,9 @@ def torch_batches(dataset, batch_size: int, shuffle_buffer_rows: int, seed: int 
         yield {"latent": latent, "label": batch["label"]}
 
 
-def read_latents(uri: str | dict[str, Any], split: str, rows: int, storage_config: StorageConfig | None = None,
-                 scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def read_latents(
+    uri: str | dict[str, Any], split: str, rows: int, storage_config: StorageConfig | None = None, scaled: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `rows` latents of `split` in shard order, in memory: ((N, C, h, w) float32,
     (N,) int64). For small fixed sets such as the validation latents; never mirrored."""
     manifest = as_manifest(uri, storage_config)

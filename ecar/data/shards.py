@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 from ecar import storage
 from ecar.config import StorageConfig
 
-IMAGE_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64()),
-                          ("source", pa.string())])
+IMAGE_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())])
 METADATA_KEY = b"ecar"
 
 
@@ -24,19 +23,20 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def write_table(uri: str, table: pa.Table, storage_config: StorageConfig | None = None,
-                metadata: dict[str, Any] | None = None) -> None:
+def write_table(
+    uri: str, table: pa.Table, storage_config: StorageConfig | None = None, metadata: dict[str, Any] | None = None
+) -> None:
     """Write `table` as one Parquet file, atomically; `metadata` goes into the footer as JSON."""
     if metadata is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               METADATA_KEY: json.dumps(metadata).encode()})
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()}
+        )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes(), storage_config)
 
 
-def read_table(uri: str, storage_config: StorageConfig | None = None,
-               columns: list[str] | None = None) -> pa.Table:
+def read_table(uri: str, storage_config: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
     fs, path = storage.arrow_fs(uri, storage_config)
     return pq.read_table(path, filesystem=fs, columns=columns)
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import gzip
 import io
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,8 +33,18 @@ from ecar import storage
 from ecar.config import DataConfig, StorageConfig
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "test", "val", "validation")
 
@@ -114,7 +125,7 @@ def _read_idx(path: str) -> np.ndarray:
     with opener(path, "rb") as handle:
         data = handle.read()
     dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -126,8 +137,10 @@ def _fashion_mnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray
         candidates = [posixpath.join(root, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
         found = [p for p in candidates if storage.exists(p)]
         if not found:
-            raise FileNotFoundError(f"Fashion-MNIST file {candidates[0]} is missing "
-                                    "(apt-get install dataset-fashion-mnist, or set data.source_uri)")
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {candidates[0]} is missing "
+                "(apt-get install dataset-fashion-mnist, or set data.source_uri)"
+            )
         paths.append(found[0])
     return _read_idx(paths[0]), _read_idx(paths[1])
 
@@ -168,13 +181,15 @@ class ImageFolderSource:
             raise FileNotFoundError(f"image folder {uri} does not exist")
         subfolders = self._subfolders(self.root)
         self.split_folders = [s for s in subfolders if s in SPLIT_NAMES]
-        class_root = posixpath.join(self.root, "train") if "train" in self.split_folders else (
-            posixpath.join(self.root, self.split_folders[0]) if self.split_folders else self.root)
+        class_root = (
+            posixpath.join(self.root, "train")
+            if "train" in self.split_folders
+            else (posixpath.join(self.root, self.split_folders[0]) if self.split_folders else self.root)
+        )
         self.classes = self._subfolders(class_root)
 
     def _subfolders(self, path: str) -> list[str]:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)
-                      if self.fs.isdir(p))
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False) if self.fs.isdir(p))
 
     def splits(self) -> list[str]:
         return self.split_folders or ["train"]
@@ -200,8 +215,13 @@ class ImageFolderSource:
 class ParquetSource:
     name = "parquet"
 
-    def __init__(self, uri: str, storage_config: StorageConfig | None = None, num_classes: int = 0,
-                 class_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        storage_config: StorageConfig | None = None,
+        num_classes: int = 0,
+        class_names: list[str] | None = None,
+    ) -> None:
         if not uri:
             raise FileNotFoundError("data.source_uri must name the Parquet folder")
         self.uri, self.storage = uri, storage_config
@@ -241,8 +261,12 @@ class ParquetSource:
             if name != table_name:  # keys come sorted by file, so each file is read once per shard
                 table_name, table = name, read_image_table(storage.join(folder, name), self.storage)
             record = table[int(row)]
-            yield ImageRecord(record.get("id") or f"{split}/{key}", record["image"], record["label"],
-                              f"{storage.join(folder, name)}#{row}")
+            yield ImageRecord(
+                record.get("id") or f"{split}/{key}",
+                record["image"],
+                record["label"],
+                f"{storage.join(folder, name)}#{row}",
+            )
 
 
 def read_image_table(uri: str, storage_config: StorageConfig | None = None) -> list[dict]:
@@ -260,8 +284,7 @@ def read_image_table(uri: str, storage_config: StorageConfig | None = None) -> l
     return [{"id": i, "image": im, "label": lab} for i, im, lab in zip(ids, images, labels)]
 
 
-def open_source(data: DataConfig, storage_config: StorageConfig | None = None,
-                num_classes: int = 0) -> ImageSource:
+def open_source(data: DataConfig, storage_config: StorageConfig | None = None, num_classes: int = 0) -> ImageSource:
     """The source `data.source` names, at `data.source_uri`."""
     if data.source == "fashion_mnist":
         return FashionMNISTSource(data.source_uri)

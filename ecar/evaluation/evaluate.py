@@ -15,7 +15,8 @@ import io
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,14 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cached_reference(manifest_uri: str, split: str, num_images: int, config: Config, kind: str,
-                      compute: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+def _cached_reference(
+    manifest_uri: str,
+    split: str,
+    num_images: int,
+    config: Config,
+    kind: str,
+    compute: Callable[[torch.Tensor], np.ndarray],
+) -> np.ndarray:
     """`compute` of the first N real images of `split`, cached on storage next to the latent
     manifest as PREFIX/reference/KIND-SPLIT-N.npz (float32)."""
     manifest = read_manifest(manifest_uri, config.storage)
@@ -63,22 +70,38 @@ def _cached_reference(manifest_uri: str, split: str, num_images: int, config: Co
 
 def reference_features(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
     """(N, 2048) Inception features of the first N real images of `split`, cached on storage."""
-    return _cached_reference(manifest_uri, split, num_images, config, "inception",
-                             lambda images: inception_features(images, device=device_name()))
+    return _cached_reference(
+        manifest_uri,
+        split,
+        num_images,
+        config,
+        "inception",
+        lambda images: inception_features(images, device=device_name()),
+    )
 
 
 def reference_probabilities(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
     """(N, 1000) EfficientNet-Lite0 class probabilities of the same real images, cached likewise."""
-    return _cached_reference(manifest_uri, split, num_images, config, "classifier",
-                             lambda images: classifier_probabilities(images, device=device_name()))
+    return _cached_reference(
+        manifest_uri,
+        split,
+        num_images,
+        config,
+        "classifier",
+        lambda images: classifier_probabilities(images, device=device_name()),
+    )
 
 
 def classifier_metrics(real_NK: np.ndarray, fake_MK: np.ndarray) -> dict[str, float]:
     """The classifier score of the samples and, for scale, of the real images at the same N."""
     score, spread = classifier_score(fake_MK)
     real_score, real_spread = classifier_score(real_NK)
-    return {"classifier_score": score, "classifier_score_std": spread,
-            "real_classifier_score": real_score, "real_classifier_score_std": real_spread}
+    return {
+        "classifier_score": score,
+        "classifier_score_std": spread,
+        "real_classifier_score": real_score,
+        "real_classifier_score_std": real_spread,
+    }
 
 
 def quality_metrics(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3) -> dict[str, float]:
@@ -94,13 +117,15 @@ def images_to_unit(images_NHWC: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sampling_latency(model: torch.nn.Module, config: Config, batch_sizes: tuple[int, ...] = (1, 16),
-                     repeats: int = 3) -> dict[str, float]:
+def sampling_latency(
+    model: torch.nn.Module, config: Config, batch_sizes: tuple[int, ...] = (1, 16), repeats: int = 3
+) -> dict[str, float]:
     """Median seconds per image of `generate` at each batch size (after one warm-up call)."""
     device = next(model.parameters()).device
     out: dict[str, float] = {}
-    model.generate(torch.zeros(1, dtype=torch.long, device=device), config.sampling,
-                   steps_per_stage=config.flow.steps_per_stage)
+    model.generate(
+        torch.zeros(1, dtype=torch.long, device=device), config.sampling, steps_per_stage=config.flow.steps_per_stage
+    )
     for batch in batch_sizes:
         labels = torch.arange(batch, device=device) % config.model.num_classes
         times = []
@@ -126,20 +151,37 @@ def sampling_cost(config: Config) -> dict[str, float]:
     return cost
 
 
-def score_images(images_NCHW: torch.Tensor, manifest_uri: str, split: str, reference_images: int, config: Config,
-                 model: torch.nn.Module, latency_batches: tuple[int, ...]) -> dict[str, Any]:
+def score_images(
+    images_NCHW: torch.Tensor,
+    manifest_uri: str,
+    split: str,
+    reference_images: int,
+    config: Config,
+    model: torch.nn.Module,
+    latency_batches: tuple[int, ...],
+) -> dict[str, Any]:
     """Quality of generated images in [-1, 1] against the first `reference_images` real images
     of `split` (FID, precision/recall, classifier score), and the cost of sampling them with
     `config` (FLOPs; latency of `model` at `latency_batches`, when given)."""
     real = reference_features(manifest_uri, split, reference_images, config)
     metrics: dict[str, Any] = quality_metrics(real, inception_features(images_NCHW, device=device_name()))
-    metrics.update(classifier_metrics(reference_probabilities(manifest_uri, split, reference_images, config),
-                                      classifier_probabilities(images_NCHW, device=device_name())))
+    metrics.update(
+        classifier_metrics(
+            reference_probabilities(manifest_uri, split, reference_images, config),
+            classifier_probabilities(images_NCHW, device=device_name()),
+        )
+    )
     metrics.update(sampling_cost(config))
     if latency_batches:
         metrics.update(sampling_latency(model, config, latency_batches))
-    metrics.update({"reference_split": split, "steps_per_stage": list(config.flow.steps_per_stage),
-                    "cfg_scale": config.sampling.cfg_scale, "device": device_name()})
+    metrics.update(
+        {
+            "reference_split": split,
+            "steps_per_stage": list(config.flow.steps_per_stage),
+            "cfg_scale": config.sampling.cfg_scale,
+            "device": device_name(),
+        }
+    )
     return metrics
 
 
@@ -154,13 +196,22 @@ def evaluate_samples(
     images: quality (FID, precision, recall) and cost (FLOPs and latency per image)."""
     samples_manifest = json.loads(storage.read_text(storage.join(samples_uri, "manifest.json")))
     if not samples_manifest.get("has_images"):
-        raise ValueError(f"{samples_uri} holds latents only (its checkpoint names no latent manifest, "
-                         "so there was no tokenizer to decode them)")
+        raise ValueError(
+            f"{samples_uri} holds latents only (its checkpoint names no latent manifest, "
+            "so there was no tokenizer to decode them)"
+        )
     exported = load_exported(samples_manifest["checkpoint_uri"], device_name())
     config = sampling_config(exported.config, samples_manifest["overrides"])
     images = images_to_unit(read_samples(samples_uri, "images")["images"])
-    metrics = score_images(images, manifest_uri or exported.manifest_uri, split, reference_images or len(images),
-                           config, exported.model, latency_batches)
+    metrics = score_images(
+        images,
+        manifest_uri or exported.manifest_uri,
+        split,
+        reference_images or len(images),
+        config,
+        exported.model,
+        latency_batches,
+    )
     metrics.update({"checkpoint_uri": samples_manifest["checkpoint_uri"], "samples_uri": samples_uri})
     return metrics
 
@@ -180,13 +231,16 @@ def evaluate_checkpoint(
 
     sampler = ShardSampler(checkpoint_uri, "", list(overrides), None, batch_size, tokenizer_decoder)
     if sampler.decode is None:
-        raise ValueError(f"{checkpoint_uri}: the checkpoint names no latent manifest with a tokenizer, so its "
-                         "samples cannot be decoded into images for FID")
+        raise ValueError(
+            f"{checkpoint_uri}: the checkpoint names no latent manifest with a tokenizer, so its "
+            "samples cannot be decoded into images for FID"
+        )
     config = sampler.config
     rows = shard_rows(Shard(0, num_images), None, config.model.num_classes, config.sampling.seed)
     images = images_to_unit(sampler.generate(rows)["images"])
-    metrics = score_images(images, sampler.exported.manifest_uri, split, num_images, config, sampler.exported.model,
-                           latency_batches)
+    metrics = score_images(
+        images, sampler.exported.manifest_uri, split, num_images, config, sampler.exported.model, latency_batches
+    )
     metrics.update({"checkpoint_uri": checkpoint_uri, "samples_uri": ""})
     return metrics
 
@@ -207,9 +261,14 @@ def log_evaluation(metrics: dict[str, Any], config: Config, tracking_uri: str, r
     created = not run_id
     if created:
         experiment = client.get_experiment_by_name(config.tracking.experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment_name)
-        run = client.create_run(experiment_id, run_name=f"evaluate-{config.preset}",
-                                tags={"ecar.job": "evaluate", "ecar.checkpoint_uri": str(metrics["checkpoint_uri"])})
+        experiment_id = (
+            experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment_name)
+        )
+        run = client.create_run(
+            experiment_id,
+            run_name=f"evaluate-{config.preset}",
+            tags={"ecar.job": "evaluate", "ecar.checkpoint_uri": str(metrics["checkpoint_uri"])},
+        )
         run_id = run.info.run_id
     numbers = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     for key, value in numbers.items():

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def rgb_batches(images_BCHW: torch.Tensor, batch_size: int, desc: str, device: s
 
     starts = range(0, images_BCHW.shape[0], batch_size)
     for start in track(starts, len(starts), desc, "batches"):
-        x = images_BCHW[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
+        x = images_BCHW[start : start + batch_size].to(device, torch.float32).clamp(-1, 1)
         yield x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

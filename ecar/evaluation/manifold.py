@@ -16,7 +16,7 @@ def kth_neighbour_radii(features_ND: torch.Tensor, k: int = 3, chunk: int = 4096
         raise ValueError(f"need more than k={k} points for k-NN radii, got {features_ND.shape[0]}")
     radii = []
     for start in range(0, features_ND.shape[0], chunk):
-        distances = torch.cdist(features_ND[start:start + chunk], features_ND)
+        distances = torch.cdist(features_ND[start : start + chunk], features_ND)
         # the smallest distance is the point to itself (0), so the k-th neighbour is index k
         radii.append(distances.kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
@@ -28,7 +28,7 @@ def inside_manifold(
     """(Q,) bool: whether each query lies in some support point's ball."""
     inside = []
     for start in range(0, queries_QD.shape[0], chunk):
-        distances = torch.cdist(queries_QD[start:start + chunk], support_ND)
+        distances = torch.cdist(queries_QD[start : start + chunk], support_ND)
         inside.append((distances <= radii_N[None]).any(dim=1))
     return torch.cat(inside)
 

@@ -68,9 +68,7 @@ class ARTransformer(nn.Module):
         (B, L, D) conditions, stage s at `layout.stage_slice(s)`.
         """
         count = num_stages or self.layout.num_stages
-        tokens = torch.cat(
-            [self.stage_tokens(s, labels_B, maps[s - 1] if s else None) for s in range(count)], dim=1
-        )
+        tokens = torch.cat([self.stage_tokens(s, labels_B, maps[s - 1] if s else None) for s in range(count)], dim=1)
         length = self.layout.offsets[count]
         return self._run(tokens, labels_B, mask=self.mask[:length, :length])
 

@@ -139,9 +139,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.global_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        self.spatial_modulation = (
-            nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width)) if spatial_modulation else None
-        )
+        self.spatial_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width)) if spatial_modulation else None
         self.cross_attn = CrossAttention(width, heads) if cross_attention else None
 
     def modulation(self, global_BD: torch.Tensor, spatial_BN6D: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,9 +169,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.global_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.spatial_modulation = (
-            nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)) if spatial_modulation else None
-        )
+        self.spatial_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)) if spatial_modulation else None
         self.linear = nn.Linear(width, out_features)
 
     def modulation(self, global_BD: torch.Tensor, spatial_BN2D: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,9 +8,9 @@ from torch import nn
 
 from ecar import flow
 from ecar.config import Config, SamplingConfig
+from ecar.euler import integrate, step_scales, with_null_labels
 from ecar.models.ecar import ClassConditional
 from ecar.models.flow_net import FlowTransformer
-from ecar.euler import integrate, step_scales, with_null_labels
 
 
 class FlowDiT(ClassConditional):
@@ -19,9 +19,16 @@ class FlowDiT(ClassConditional):
         model = config.model
         self.class_embed = nn.Embedding(model.num_classes + 1, model.width)
         nn.init.normal_(self.class_embed.weight, std=0.02)
-        self.flow = FlowTransformer(model.latent_channels, model.width, model.flow_depth, model.heads,
-                                    model.mlp_ratio, model.patch_size, self.layout.token_grids[-1],
-                                    injection=None)
+        self.flow = FlowTransformer(
+            model.latent_channels,
+            model.width,
+            model.flow_depth,
+            model.heads,
+            model.mlp_ratio,
+            model.patch_size,
+            self.layout.token_grids[-1],
+            injection=None,
+        )
 
     def velocity(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
         return self.flow(x_BCHW, t_B, self.class_embed(labels_B))

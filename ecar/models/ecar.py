@@ -7,8 +7,8 @@ clean map for the next AR input, then up-sampling and re-noising into the next s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,10 @@ from torch import nn
 
 from ecar import flow
 from ecar.config import Config, SamplingConfig
+from ecar.euler import integrate, step_scales, with_null_labels
 from ecar.layout import StageLayout
 from ecar.models.ar import ARTransformer
 from ecar.models.flow_net import FlowCondition, FlowTransformer
-from ecar.euler import integrate, step_scales, with_null_labels
 
 
 class ClassConditional(nn.Module):
@@ -41,8 +41,9 @@ class ClassConditional(nn.Module):
 
     def sample_tau(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
         settings = self.config.flow
-        return flow.sample_tau(batch, settings.time_sampling, generator, device,
-                               settings.logit_normal_mean, settings.logit_normal_std)
+        return flow.sample_tau(
+            batch, settings.time_sampling, generator, device, settings.logit_normal_mean, settings.logit_normal_std
+        )
 
     def weighted_total(self, stage_losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         weights = self.config.stages.loss_weights or (1.0,) * len(stage_losses)
@@ -65,11 +66,19 @@ class ECAR(ClassConditional):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         model, layout = config.model, self.layout
-        self.ar = ARTransformer(layout, model.latent_channels, model.width, model.ar_depth,
-                                model.heads, model.mlp_ratio, model.num_classes)
-        self.flow = FlowTransformer(model.latent_channels, model.width, model.flow_depth, model.heads,
-                                    model.mlp_ratio, model.patch_size, layout.token_grids[-1],
-                                    injection=model.condition_injection)
+        self.ar = ARTransformer(
+            layout, model.latent_channels, model.width, model.ar_depth, model.heads, model.mlp_ratio, model.num_classes
+        )
+        self.flow = FlowTransformer(
+            model.latent_channels,
+            model.width,
+            model.flow_depth,
+            model.heads,
+            model.mlp_ratio,
+            model.patch_size,
+            layout.token_grids[-1],
+            injection=model.condition_injection,
+        )
         # The flow network is shared by stages whose windows overlap; the stage embedding tells
         # it which grid and window it is in beyond what t alone says.
         self.flow_stage_embed = nn.Embedding(layout.num_stages, model.width)
@@ -102,8 +111,7 @@ class ECAR(ClassConditional):
         starts, ends, taus = [], [], []
         for s, (start, end) in enumerate(layout.windows):
             if chained and s > 0 and start > 0.0:
-                start_state = flow.upsample_and_renoise(ends[-1], layout.grids[s], layout.ends[s - 1], start,
-                                                        generator)
+                start_state = flow.upsample_and_renoise(ends[-1], layout.grids[s], layout.ends[s - 1], start, generator)
                 noise = flow.start_noise(start_state, maps[s - 1], start)
                 end_state = end * maps[s] + (1.0 - end) * noise
             else:
@@ -144,8 +152,9 @@ class ECAR(ClassConditional):
             raise ValueError(f"steps_per_stage {list(steps)} needs one entry per stage ({layout.num_stages})")
         batch, device = labels_B.shape[0], labels_B.device
         dtype = self.flow.patch_embed.weight.dtype
-        scales = [step_scales(sampling, s, layout.num_stages, *layout.windows[s], steps[s])
-                  for s in range(layout.num_stages)]
+        scales = [
+            step_scales(sampling, s, layout.num_stages, *layout.windows[s], steps[s]) for s in range(layout.num_stages)
+        ]
         guided = any(scale != 1.0 for stage_scales in scales for scale in stage_scales)
         ar_labels = with_null_labels(labels_B, self.null_class, guided)
         cache = self.ar.new_cache() if use_cache else None
@@ -186,6 +195,6 @@ class ECAR(ClassConditional):
     ) -> torch.Tensor:
         """Latents (B, C, H, W) in the scaled latent space (divide by the manifest's scale to decode)."""
         result = None
-        for result in self.iter_stages(labels_B, sampling, generator, steps_per_stage):
-            pass
+        for stage_result in self.iter_stages(labels_B, sampling, generator, steps_per_stage):
+            result = stage_result
         return result.end_state

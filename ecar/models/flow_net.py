@@ -30,14 +30,15 @@ class FlowCondition:
     additive: torch.Tensor | None = None
     context_kv: tuple[torch.Tensor, ...] | None = None
 
-    def rows(self, index: slice) -> "FlowCondition":
+    def rows(self, index: slice) -> FlowCondition:
         """The condition for a sub-batch (e.g. the conditional half of a CFG batch)."""
 
         def batch(value: torch.Tensor | None) -> torch.Tensor | None:
             return None if value is None else value[index]
 
         return FlowCondition(
-            block_modulations=None if self.block_modulations is None
+            block_modulations=None
+            if self.block_modulations is None
             else tuple(m[index] for m in self.block_modulations),
             final_modulation=batch(self.final_modulation),
             additive=batch(self.additive),
@@ -71,8 +72,7 @@ class FlowTransformer(nn.Module):
         self.time_embed = TimestepEmbedder(width)
         self.additive_proj = nn.Linear(width, width) if injection == "additive" else None
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, spatial_modulation=spatial,
-                  cross_attention=injection == "cross_attention")
+            Block(width, heads, mlp_ratio, spatial_modulation=spatial, cross_attention=injection == "cross_attention")
             for _ in range(depth)
         )
         self.final = FinalLayer(width, patch_size * patch_size * channels, spatial_modulation=spatial)

@@ -15,8 +15,9 @@ import importlib
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from ecar.config import Config, ConfigError
 from ecar.presets import get_config
@@ -65,8 +66,7 @@ def trial_overrides(trial: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def validate_space(base: Config, space: Space, samples: int = 4, seed: int = 0,
-                   allowed: tuple[str, ...] = ()) -> int:
+def validate_space(base: Config, space: Space, samples: int = 4, seed: int = 0, allowed: tuple[str, ...] = ()) -> int:
     """Apply every grid combination (with sampled random domains) to `base`; return the number
     of grid combinations. Raises ConfigError naming the first bad key or value, or a key outside
     the `allowed` prefixes (when given)."""
@@ -118,15 +118,18 @@ def load_sweep(name: str) -> Sweep:
     try:
         module = importlib.import_module(f"ecar.sweeps.definitions.{name}")
     except ModuleNotFoundError:
-        raise ConfigError(f"unknown sweep {name!r}: no ecar/sweeps/definitions/{name}.py (sweeps: {', '.join(available_sweeps())})") from None
+        raise ConfigError(
+            f"unknown sweep {name!r}: no ecar/sweeps/definitions/{name}.py (sweeps: {', '.join(available_sweeps())})"
+        ) from None
     sweep = getattr(module, "SWEEP", None)
     if not isinstance(sweep, Sweep):
         raise ConfigError(f"ecar/sweeps/definitions/{name}.py defines no SWEEP = Sweep(...)")
     return sweep
 
 
-def resolve(sweep: Sweep, smoke_test: bool = False, overrides: list[str] | None = None,
-            base: Config | None = None) -> tuple[Config, Space, int]:
+def resolve(
+    sweep: Sweep, smoke_test: bool = False, overrides: list[str] | None = None, base: Config | None = None
+) -> tuple[Config, Space, int]:
     """(base config, validated space, grid size) for a run or a smoke test. A sampling sweep
     passes its checkpoint's config as `base`."""
     if base is None:
@@ -138,4 +141,3 @@ def resolve(sweep: Sweep, smoke_test: bool = False, overrides: list[str] | None 
     space = sweep.space(base)
     allowed = SAMPLING_KEYS if sweep.kind == "sample" else ()
     return base, space, validate_space(base, space, allowed=allowed)
-

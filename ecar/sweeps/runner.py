@@ -23,9 +23,10 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ecar import storage
 from ecar.config import Config, ConfigError
@@ -41,9 +42,17 @@ TRIAL_MEMORY_BYTES = 2**20  # a training trial's token resource request (see _ru
 
 # Small enough to smoke-test any sweep in a couple of minutes: a few steps, one worker.
 SMOKE_OVERRIDES = {
-    "train.steps": 6, "train.eval_every": 2, "train.checkpoint_every": 6, "train.log_every": 2,
-    "train.sample_every": 1000, "train.num_workers": 1, "train.cpus_per_worker": 0.5,
-    "train.global_batch_size": 8, "train.micro_batch_size": 8, "train.warmup_steps": 1, "train.val_rows": 32,
+    "train.steps": 6,
+    "train.eval_every": 2,
+    "train.checkpoint_every": 6,
+    "train.log_every": 2,
+    "train.sample_every": 1000,
+    "train.num_workers": 1,
+    "train.cpus_per_worker": 0.5,
+    "train.global_batch_size": 8,
+    "train.micro_batch_size": 8,
+    "train.warmup_steps": 1,
+    "train.val_rows": 32,
 }
 
 
@@ -83,14 +92,25 @@ def _log_child_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], 
     from mlflow.tracking import MlflowClient
 
     now = int(time.time() * 1000)
-    numbers = [Metric(k, float(v), now, step) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     if numbers:
         MlflowClient(tracking_uri).log_batch(run_id, metrics=numbers)
 
 
-def training_trial(trial_space: dict[str, Any], *, base: dict[str, Any], source: dict[str, Any],
-                   tracking_uri: str, parent_run_id: str, sweep_run: str, fid_images: int) -> None:
+def training_trial(
+    trial_space: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    source: dict[str, Any],
+    tracking_uri: str,
+    parent_run_id: str,
+    sweep_run: str,
+    fid_images: int,
+) -> None:
     """One training trial: fit the trial's config on Ray Train, reporting to Tune as it goes,
     then report the final metrics (sampling FLOPs; FID on `fid_images` when asked)."""
     from ray import tune
@@ -104,11 +124,18 @@ def training_trial(trial_space: dict[str, Any], *, base: dict[str, Any], source:
     config = Config.from_dict(base).override(overrides)
     manifest_summary = ManifestSummary.from_dict(source)
     trial_id = tune.get_context().get_trial_id()
-    dataset = latent_dataset(manifest_summary.manifest, "train", config.storage, seed=config.train.seed,
-                             validate=False)
+    dataset = latent_dataset(manifest_summary.manifest, "train", config.storage, seed=config.train.seed, validate=False)
     tags = {"ecar.sweep": sweep_run, TRIAL_TAG: trial_id, "ecar.trial_overrides": json.dumps(overrides)}
-    result = fit(config, manifest_summary, dataset, f"{sweep_run}-{trial_id}", tracking_uri,
-                 parent_run_id=parent_run_id, tags=tags, callbacks=[TuneReportCallback()])
+    result = fit(
+        config,
+        manifest_summary,
+        dataset,
+        f"{sweep_run}-{trial_id}",
+        tracking_uri,
+        parent_run_id=parent_run_id,
+        tags=tags,
+        callbacks=[TuneReportCallback()],
+    )
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     final["step"] = config.train.steps
     final.update(sampling_cost(config))
@@ -120,9 +147,18 @@ def training_trial(trial_space: dict[str, Any], *, base: dict[str, Any], source:
     tune.report(final)
 
 
-def sampling_trial(trial_space: dict[str, Any], *, checkpoint_uri: str, tracking_uri: str, experiment_id: str,
-                   parent_run_id: str, sweep_run: str, fid_images: int, latency_batches: tuple[int, ...],
-                   split: str) -> None:
+def sampling_trial(
+    trial_space: dict[str, Any],
+    *,
+    checkpoint_uri: str,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    sweep_run: str,
+    fid_images: int,
+    latency_batches: tuple[int, ...],
+    split: str,
+) -> None:
     """One sampling trial: `fid_images` images from the checkpoint under the trial's schedule,
     scored and logged as a child run."""
     from mlflow.entities import Param
@@ -135,16 +171,29 @@ def sampling_trial(trial_space: dict[str, Any], *, checkpoint_uri: str, tracking
     items = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(tracking_uri)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                               f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        max_results=1,
+    )
     if found:
         run_id = found[0].info.run_id
     else:
-        run_id = client.create_run(experiment_id, run_name=f"{sweep_run}-{trial_id}", tags={
-            "mlflow.parentRunId": parent_run_id, "ecar.sweep": sweep_run, TRIAL_TAG: trial_id,
-            "ecar.checkpoint_uri": checkpoint_uri, "ecar.trial_overrides": json.dumps(overrides)}).info.run_id
-        client.log_batch(run_id, params=[Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                                         for k, v in overrides.items()])
+        run_id = client.create_run(
+            experiment_id,
+            run_name=f"{sweep_run}-{trial_id}",
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                "ecar.sweep": sweep_run,
+                TRIAL_TAG: trial_id,
+                "ecar.checkpoint_uri": checkpoint_uri,
+                "ecar.trial_overrides": json.dumps(overrides),
+            },
+        ).info.run_id
+        client.log_batch(
+            run_id,
+            params=[Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in overrides.items()],
+        )
     try:
         metrics = evaluate_checkpoint(checkpoint_uri, fid_images, items, split, latency_batches)
     except BaseException:
@@ -164,8 +213,10 @@ def _check_tracking_reach(tracking_uri: str) -> None:
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) > 1 and not tracking_uri.startswith(("http://", "https://")):
-        raise ConfigError(f"tracking.tracking_uri: {tracking_uri} lives on this machine, but the Ray cluster has "
-                          f"{len(nodes)} nodes; set MLFLOW_TRACKING_URI or tracking.tracking_uri to an MLflow server")
+        raise ConfigError(
+            f"tracking.tracking_uri: {tracking_uri} lives on this machine, but the Ray cluster has "
+            f"{len(nodes)} nodes; set MLFLOW_TRACKING_URI or tracking.tracking_uri to an MLflow server"
+        )
 
 
 @contextlib.contextmanager
@@ -189,23 +240,41 @@ def _experiment_id(client, name: str, tracking_uri: str) -> str:
     return experiment_for(client, Config().override({"tracking.experiment_name": name}), tracking_uri)
 
 
-def _parent_run(client, experiment_id: str, name: str, sweep: Sweep, base: Config, space: Space,
-                options: SweepOptions) -> tuple[str, bool]:
+def _parent_run(
+    client, experiment_id: str, name: str, sweep: Sweep, base: Config, space: Space, options: SweepOptions
+) -> tuple[str, bool]:
     """(run id, resumed): the sweep's parent run, found again by name when the sweep resumes."""
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_RUN_TAG}` = '{name}'", max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id, True
-    run = client.create_run(experiment_id, run_name=name, tags={
-        SWEEP_RUN_TAG: name, "ecar.sweep": sweep.name, "ecar.sweep_kind": sweep.kind, "preset": base.preset,
-        "mlflow.note.content": f"sweep {sweep.name}: {sweep.description}"})
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={
+            SWEEP_RUN_TAG: name,
+            "ecar.sweep": sweep.name,
+            "ecar.sweep_kind": sweep.kind,
+            "preset": base.preset,
+            "mlflow.note.content": f"sweep {sweep.name}: {sweep.description}",
+        },
+    )
     run_id = run.info.run_id
-    params = {"sweep": sweep.name, "kind": sweep.kind, "preset": base.preset, "metric": sweep.metric,
-              "mode": sweep.mode, "grid_size": grid_size(space), "num_samples": options.num_samples,
-              "max_concurrent_trials": options.max_concurrent_trials, "smoke_test": options.smoke_test,
-              "fid_images": options.fid_images, "overrides": json.dumps(list(options.overrides)),
-              "manifest_uri": options.manifest_uri or base.data.manifest_uri,
-              "checkpoint_uri": options.checkpoint_uri}
+    params = {
+        "sweep": sweep.name,
+        "kind": sweep.kind,
+        "preset": base.preset,
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "grid_size": grid_size(space),
+        "num_samples": options.num_samples,
+        "max_concurrent_trials": options.max_concurrent_trials,
+        "smoke_test": options.smoke_test,
+        "fid_images": options.fid_images,
+        "overrides": json.dumps(list(options.overrides)),
+        "manifest_uri": options.manifest_uri or base.data.manifest_uri,
+        "checkpoint_uri": options.checkpoint_uri,
+    }
     for key, value in params.items():
         client.log_param(run_id, key, str(value))
     client.log_text(run_id, json.dumps(space, indent=2, default=repr), "search_space.json")
@@ -223,9 +292,15 @@ def _smoke_base(sweep: Sweep, base: Config, manifest_uri: str) -> tuple[Config, 
         model = config.model
         manifest_uri = storage.join(config.storage.root, "smoke-latents")
         if not storage.exists(storage.join(manifest_uri, "manifest.json"), config.storage):
-            write_synthetic_latents(manifest_uri, config.storage, rows=128,
-                                    shape=(model.latent_channels, model.latent_size, model.latent_size),
-                                    shards=2, num_classes=model.num_classes, test_rows=32)
+            write_synthetic_latents(
+                manifest_uri,
+                config.storage,
+                rows=128,
+                shape=(model.latent_channels, model.latent_size, model.latent_size),
+                shards=2,
+                num_classes=model.num_classes,
+                test_rows=32,
+            )
     return config, manifest_uri or config.data.manifest_uri
 
 
@@ -235,8 +310,10 @@ def run_sweep(sweep: Sweep, options: SweepOptions) -> SweepResult:
 
     if sweep.kind == "sample":
         if not options.checkpoint_uri:
-            raise ConfigError(f"sweep {sweep.name} varies the sampling schedule of a trained model: "
-                              "pass --checkpoint (an exported checkpoint, e.g. outputs/quickstart/runs/quickstart/export)")
+            raise ConfigError(
+                f"sweep {sweep.name} varies the sampling schedule of a trained model: "
+                "pass --checkpoint (an exported checkpoint, e.g. outputs/quickstart/runs/quickstart/export)"
+            )
         base, space, _ = resolve(sweep, overrides=list(options.overrides), base=read_config(options.checkpoint_uri))
     else:
         base, space, _ = resolve(sweep, options.smoke_test, list(options.overrides))
@@ -264,8 +341,9 @@ def _tracking_base(options: SweepOptions, base: Config) -> str:
     return options.tracking_uri or resolve_tracking_uri(base)
 
 
-def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Space, num_samples: int,
-                  name: str, manifest_uri: str) -> SweepResult:
+def _run_training(
+    sweep: Sweep, options: SweepOptions, base: Config, space: Space, num_samples: int, name: str, manifest_uri: str
+) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -278,15 +356,23 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
     tracking_uri = _tracking_base(options, base)
     source = preflight(base, manifest_uri, tracking_uri)
     if not source.val_rows:
-        raise ConfigError(f"data.val_split: a training sweep ranks trials by the held-out loss, but {manifest_uri} "
-                          f"has no {base.data.val_split!r} split (or train.val_rows is 0)")
+        raise ConfigError(
+            f"data.val_split: a training sweep ranks trials by the held-out loss, but {manifest_uri} "
+            f"has no {base.data.val_split!r} split (or train.val_rows is 0)"
+        )
     train = base.train
     interval = train.eval_every or train.checkpoint_every
     scheduler = None
     if sweep.early_stopping:
-        scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=train.steps,
-                                  grace_period=min(options.grace_period or interval, train.steps),
-                                  reduction_factor=options.reduction_factor, stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            metric="val_loss",
+            mode="min",
+            max_t=train.steps,
+            grace_period=min(options.grace_period or interval, train.steps),
+            reduction_factor=options.reduction_factor,
+            stop_last_trials=False,
+        )
     else:
         log.info("sweep %s: no early stopping (its trials' held-out losses are not comparable)", sweep.name)
     init_ray(options.address)
@@ -298,20 +384,37 @@ def _run_training(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
         parent_run_id, resumed = _parent_run(client, experiment_id, name, sweep, base, space, options)
         log.info("%s sweep %s: MLflow parent run %s", "resuming" if resumed else "starting", name, parent_run_id)
         trainable = tune.with_parameters(
-            training_trial, base=base.to_dict(), source=dataclasses.asdict(source), tracking_uri=writer,
-            parent_run_id=parent_run_id, sweep_run=name, fid_images=options.fid_images)
+            training_trial,
+            base=base.to_dict(),
+            source=dataclasses.asdict(source),
+            tracking_uri=writer,
+            parent_run_id=parent_run_id,
+            sweep_run=name,
+            fid_images=options.fid_images,
+        )
         # The trial itself only drives the trainer (its workers ask for their own CPUs). It holds
         # no CPU at all: even 0.01 leaves 0.99 of a small cluster's last CPU, and Ray Data's
         # 1-CPU read tasks for the trial's own workers never start. The FID sampling it runs at
         # the end happens after the workers are gone. (Tune takes CPU 0 along with memory.)
         trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY_BYTES})
         results = _fit(trainable, space, num_samples, scheduler, options, base, name)
-        return _finish(sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results,
-                       max_step=train.steps)
+        return _finish(
+            sweep,
+            options,
+            base,
+            name,
+            tracking_uri,
+            writer,
+            experiment_id,
+            parent_run_id,
+            results,
+            max_step=train.steps,
+        )
 
 
-def _run_sampling(sweep: Sweep, options: SweepOptions, base: Config, space: Space, num_samples: int,
-                  name: str) -> SweepResult:
+def _run_sampling(
+    sweep: Sweep, options: SweepOptions, base: Config, space: Space, num_samples: int, name: str
+) -> SweepResult:
     from ray import tune
 
     from ecar.runtime import init_ray
@@ -323,16 +426,25 @@ def _run_sampling(sweep: Sweep, options: SweepOptions, base: Config, space: Spac
     with _writable_tracking(tracking_uri, options.max_concurrent_trials > 1) as writer:
         client = _client(writer)
         experiment_id = _experiment_id(client, base.tracking.experiment_name, writer)
-        parent_run_id, _ = _parent_run(client, experiment_id, name, sweep, base, space,
-                                       dataclasses.replace(options, fid_images=fid_images))
+        parent_run_id, _ = _parent_run(
+            client, experiment_id, name, sweep, base, space, dataclasses.replace(options, fid_images=fid_images)
+        )
         trainable = tune.with_parameters(
-            sampling_trial, checkpoint_uri=options.checkpoint_uri, tracking_uri=writer, experiment_id=experiment_id,
-            parent_run_id=parent_run_id, sweep_run=name, fid_images=fid_images,
-            latency_batches=tuple(options.latency_batches), split=base.data.val_split)
+            sampling_trial,
+            checkpoint_uri=options.checkpoint_uri,
+            tracking_uri=writer,
+            experiment_id=experiment_id,
+            parent_run_id=parent_run_id,
+            sweep_run=name,
+            fid_images=fid_images,
+            latency_batches=tuple(options.latency_batches),
+            split=base.data.val_split,
+        )
         trainable = tune.with_resources(trainable, {"CPU": 1.0})
         results = _fit(trainable, space, num_samples, None, options, base, name)
-        return _finish(sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results,
-                       max_step=None)
+        return _finish(
+            sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results, max_step=None
+        )
 
 
 def _client(tracking_uri: str):
@@ -348,28 +460,54 @@ def _fit(trainable, space: Space, num_samples: int, scheduler, options: SweepOpt
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         log.info("restoring the Tune experiment %s: finished trials are kept", experiment_path)
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=space, storage_filesystem=filesystem)
+        tuner = tune.Tuner.restore(
+            experiment_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=space,
+            storage_filesystem=filesystem,
+        )
     else:
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(num_samples=num_samples, scheduler=scheduler,
-                                        max_concurrent_trials=options.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                num_samples=num_samples, scheduler=scheduler, max_concurrent_trials=options.max_concurrent_trials
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
         )
     return tuner.fit()
 
 
-def _finish(sweep: Sweep, options: SweepOptions, base: Config, name: str, tracking_uri: str, writer: str,
-            experiment_id: str, parent_run_id: str, results, max_step: int | None) -> SweepResult:
+def _finish(
+    sweep: Sweep,
+    options: SweepOptions,
+    base: Config,
+    name: str,
+    tracking_uri: str,
+    writer: str,
+    experiment_id: str,
+    parent_run_id: str,
+    results,
+    max_step: int | None,
+) -> SweepResult:
     """Settle every child run's status (a trial ASHA stopped was killed mid-run), rank the
     trials, write the report into the parent run and close it."""
     from ecar.report import build_report, load_runs, log_report
 
     client = _client(writer)
-    children = {run.data.tags.get(TRIAL_TAG): run for run in client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)}
+    children = {
+        run.data.tags.get(TRIAL_TAG): run
+        for run in client.search_runs(
+            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000
+        )
+    }
     trials = []
     for result in results:
         trial_id = _trial_id(result, children)
@@ -387,12 +525,24 @@ def _finish(sweep: Sweep, options: SweepOptions, base: Config, name: str, tracki
                 _log_sampling_cost(client, run.info.run_id, base, result.config)
             if run.info.status != status:
                 client.set_terminated(run.info.run_id, status=status)
-        trials.append({"trial_id": trial_id, "status": status, "stopped_early": stopped,
-                       "mlflow_run_id": run.info.run_id if run else "",
-                       "config": result.config, "error": str(result.error) if result.error else "",
-                       **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
-    out = SweepResult(name=name, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
-                      experiment=base.tracking.experiment_name, trials=trials)
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "stopped_early": stopped,
+                "mlflow_run_id": run.info.run_id if run else "",
+                "config": result.config,
+                "error": str(result.error) if result.error else "",
+                **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            }
+        )
+    out = SweepResult(
+        name=name,
+        parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri,
+        experiment=base.tracking.experiment_name,
+        trials=trials,
+    )
     ranked = [t for t in trials if isinstance(t.get(sweep.metric), (int, float))]
     if ranked:
         best = (min if sweep.mode == "min" else max)(ranked, key=lambda t: t[sweep.metric])
@@ -405,8 +555,13 @@ def _finish(sweep: Sweep, options: SweepOptions, base: Config, name: str, tracki
     quality = sweep.metric if any(sweep.metric in t for t in trials) else "val_loss"
     report_dir = Path(options.report_dir or _default_report_dir(base, name))
     try:
-        report = build_report(load_runs(writer, base.tracking.experiment_name, parent_run_id), report_dir,
-                              quality, sweep.mode, title=f"sweep {name}")
+        report = build_report(
+            load_runs(writer, base.tracking.experiment_name, parent_run_id),
+            report_dir,
+            quality,
+            sweep.mode,
+            title=f"sweep {name}",
+        )
         log_report(writer, parent_run_id, report)
         out.report_files = {k: str(v) for k, v in report.files.items()}
         out.report_markdown = report.markdown

@@ -6,8 +6,9 @@ Every tokenizer offers `encode(images (B, C_img, H, W) in [-1, 1]) -> (B, C_lat,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,19 +40,26 @@ def load_tokenizer(config: Config) -> LoadedTokenizer:
         identity = {"kind": "kl_vae", "uri": uri, "sha256": description["weights_sha256"]}
         channels = model.shape.latent_channels
         if description["image_size"] != config.data.image_size:
-            raise ConfigError(f"data.image_size: {config.data.image_size} but the tokenizer at {uri} "
-                              f"was trained on {description['image_size']}x{description['image_size']} images")
+            raise ConfigError(
+                f"data.image_size: {config.data.image_size} but the tokenizer at {uri} "
+                f"was trained on {description['image_size']}x{description['image_size']} images"
+            )
         if model.shape.image_channels != config.data.image_channels:
-            raise ConfigError(f"data.image_channels: {config.data.image_channels} but the tokenizer at {uri} "
-                              f"takes {model.shape.image_channels}")
+            raise ConfigError(
+                f"data.image_channels: {config.data.image_channels} but the tokenizer at {uri} "
+                f"takes {model.shape.image_channels}"
+            )
     if channels != config.model.latent_channels:
-        raise ConfigError(f"model.latent_channels: {config.model.latent_channels} but the tokenizer at {uri} "
-                          f"makes {channels}-channel latents")
+        raise ConfigError(
+            f"model.latent_channels: {config.model.latent_channels} but the tokenizer at {uri} "
+            f"makes {channels}-channel latents"
+        )
     return LoadedTokenizer(model.eval(), identity)
 
 
-def decoder_for_manifest(manifest: dict[str, Any], config: Config,
-                         device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor] | None:
+def decoder_for_manifest(
+    manifest: dict[str, Any], config: Config, device: torch.device | str = "cpu"
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The decoder (unscaled latents -> images) of the tokenizer that made a latent data set, as
     its manifest records it (ecar's KL-VAE or a diffusers VAE); None when the manifest names no
     tokenizer (synthetic latents). The tokenizer found must be the one recorded: a different
@@ -59,10 +67,13 @@ def decoder_for_manifest(manifest: dict[str, Any], config: Config,
     recorded = manifest.get("tokenizer") or {}
     if recorded.get("kind") not in ("kl_vae", "diffusers") or not recorded.get("uri"):
         return None
-    tokenizer = load_tokenizer(config.override({"tokenizer.kind": recorded["kind"],
-                                                "tokenizer.checkpoint_uri": recorded["uri"]}))
+    tokenizer = load_tokenizer(
+        config.override({"tokenizer.kind": recorded["kind"], "tokenizer.checkpoint_uri": recorded["uri"]})
+    )
     if recorded.get("sha256") and tokenizer.identity.get("sha256") != recorded["sha256"]:
-        raise ValueError(f"the tokenizer at {recorded['uri']} is not the one that encoded "
-                         f"{manifest.get('prefix', 'these latents')} (sha256 {tokenizer.identity.get('sha256')}, "
-                         f"the manifest records {recorded['sha256']}): decoding would show other images")
+        raise ValueError(
+            f"the tokenizer at {recorded['uri']} is not the one that encoded "
+            f"{manifest.get('prefix', 'these latents')} (sha256 {tokenizer.identity.get('sha256')}, "
+            f"the manifest records {recorded['sha256']}): decoding would show other images"
+        )
     return tokenizer.model.to(device).decode

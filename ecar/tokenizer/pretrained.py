@@ -51,9 +51,15 @@ def load_diffusers_vae(path: str, image_channels: int) -> tuple[DiffusersTokeniz
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ImportError("tokenizer.kind=diffusers needs the optional package `diffusers` "
-                          "(pip install diffusers); it is not an ecar dependency") from None
+        raise ImportError(
+            "tokenizer.kind=diffusers needs the optional package `diffusers` "
+            "(pip install diffusers); it is not an ecar dependency"
+        ) from None
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    identity = {"kind": "diffusers", "uri": os.path.abspath(path), "sha256": folder_sha256(path),
-                "latent_channels": int(vae.config.latent_channels)}
+    identity = {
+        "kind": "diffusers",
+        "uri": os.path.abspath(path),
+        "sha256": folder_sha256(path),
+        "latent_channels": int(vae.config.latent_channels),
+    }
     return DiffusersTokenizer(vae.eval(), image_channels), identity

@@ -77,7 +77,9 @@ class Encoder(nn.Module):
                 blocks.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
         blocks.append(ResBlock(channels, channels))
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, 2 * shape.latent_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            _norm(channels), nn.SiLU(), nn.Conv2d(channels, 2 * shape.latent_channels, 3, padding=1)
+        )
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """(B, C_img, H, W) -> (B, 2 C_lat, H/f, W/f): mean and log-variance, stacked."""
@@ -136,10 +138,13 @@ class KLVAE(nn.Module):
 def vae_shape(config: Config) -> VAEShape:
     """The KL-VAE shape a config asks for: image channels and size from `data`, latent channels
     and size from `model`, width and depth from `tokenizer`."""
-    return VAEShape(image_channels=config.data.image_channels, latent_channels=config.model.latent_channels,
-                    width=config.tokenizer.width, downsample_factor=config.data.image_size // config.model.latent_size,
-                    res_blocks=config.tokenizer.res_blocks)
-
+    return VAEShape(
+        image_channels=config.data.image_channels,
+        latent_channels=config.model.latent_channels,
+        width=config.tokenizer.width,
+        downsample_factor=config.data.image_size // config.model.latent_size,
+        res_blocks=config.tokenizer.res_blocks,
+    )
 
 
 @torch.no_grad()
@@ -147,10 +152,9 @@ def reconstruct(model: nn.Module, images_BCHW: torch.Tensor, batch_size: int = 2
     """encode -> decode, clamped and quantised to 8 bits as a saved image would be."""
     outputs = []
     for start in range(0, images_BCHW.shape[0], batch_size):
-        out = model.decode(model.encode(images_BCHW[start:start + batch_size])).clamp(-1, 1)
+        out = model.decode(model.encode(images_BCHW[start : start + batch_size])).clamp(-1, 1)
         outputs.append(((out + 1) * 127.5).round() / 127.5 - 1)
     return torch.cat(outputs)
-
 
 
 # ----- checkpoint: safetensors weights + JSON description ----------------------------------------
@@ -159,8 +163,7 @@ DESCRIPTION_NAME = "tokenizer.json"  # written last: its presence means the chec
 SCHEMA_VERSION = 1
 
 
-def save_vae(model: KLVAE, uri: str, image_size: int, extra: dict | None = None,
-             storage_config=None) -> dict:
+def save_vae(model: KLVAE, uri: str, image_size: int, extra: dict | None = None, storage_config=None) -> dict:
     """Write `model` under `uri` (folder or s3:// prefix); returns the description written."""
     from safetensors.torch import save as save_safetensors
 

@@ -84,4 +84,5 @@ def check_compatible(info: RunInfo, world_size: int, zero_stage: int) -> None:
         raise ValueError(
             f"the checkpoint was written by {info.world_size} workers at ZeRO stage {info.zero_stage}; this "
             f"run has {world_size} workers at stage {zero_stage}. Resume with the same train.num_workers and "
-            "train.zero_stage, or start a new run (a new --name) from the exported checkpoint")
+            "train.zero_stage, or start a new run (a new --name) from the exported checkpoint"
+        )

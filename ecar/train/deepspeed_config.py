@@ -6,7 +6,6 @@ from typing import Any
 
 from ecar.config import Config, gradient_accumulation_steps
 
-
 BUCKET_ELEMENTS = 5 * 10**7
 
 

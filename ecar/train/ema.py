@@ -38,6 +38,8 @@ class EMA:
             raise KeyError(f"EMA state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
         for name, tensor in state.items():
             if tensor.shape != self.shadow[name].shape:
-                raise ValueError(f"EMA tensor {name}: shape {tuple(tensor.shape)} in the checkpoint, "
-                                 f"{tuple(self.shadow[name].shape)} in the model")
+                raise ValueError(
+                    f"EMA tensor {name}: shape {tuple(tensor.shape)} in the checkpoint, "
+                    f"{tuple(self.shadow[name].shape)} in the model"
+                )
             self.shadow[name].copy_(tensor)

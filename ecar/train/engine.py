@@ -80,8 +80,11 @@ class DeepSpeedBackend:
                     buffer.data = buffer.data.to(self.dtype)
         module = LossModule(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-            config=self.ds_config, dist_init_required=False)
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=self.ds_config,
+            dist_init_required=False,
+        )
 
     def forward(self, latents_BCHW, labels_B, generator):
         return self.engine(latents_BCHW, labels_B, generator)
@@ -171,7 +174,8 @@ class DeepSpeedBackend:
         # DeepSpeed unpickles its files with weights_only=False, which would run whatever code
         # a tampered checkpoint carries; route its reads through the restricted unpickler.
         self.engine.checkpoint_engine.load = _weights_only_load
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:  # DeepSpeed returns (None, None) instead of raising
             raise FileNotFoundError(f"no DeepSpeed state under {directory}/{DEEPSPEED_TAG} for rank {self.rank}")

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ecar.config import Config, TrainConfig, gradient_accumulation_steps
 from ecar.layout import StageLayout
-from ecar.train.ema import EMA
 from ecar.seeds import derived_seed
+from ecar.train.ema import EMA
 from ecar.train.schedule import lr_at
 
 # One micro-batch: latents (B, C, H, W) in the scaled latent space and class labels (B,).
@@ -45,7 +46,7 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, int]) -> "TrainState":
+    def from_dict(cls, data: dict[str, int]) -> TrainState:
         return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__})
 
 
@@ -69,8 +70,9 @@ class Backend(Protocol):
     device: torch.device
     dtype: torch.dtype  # what the inputs are cast to (bf16 under bf16 training)
 
-    def forward(self, latents_BCHW: torch.Tensor, labels_B: torch.Tensor,
-                generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+    def forward(
+        self, latents_BCHW: torch.Tensor, labels_B: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]: ...
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
 
@@ -97,8 +99,9 @@ class TorchBackend:
         self.module = LossModule(model).to(self.device)
         self.train = train
         self.accumulation = gradient_accumulation_steps(train, world_size=1)
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=train.lr, betas=train.betas,
-                                           eps=1e-8, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(), lr=train.lr, betas=train.betas, eps=1e-8, weight_decay=train.weight_decay
+        )
 
     def forward(self, latents_BCHW, labels_B, generator):
         return self.module(latents_BCHW, labels_B, generator)
@@ -163,8 +166,10 @@ class DataStream:
         if skip:
             consumed = sum(1 for _ in itertools.islice(self.iterator, skip))
             if consumed < skip:
-                raise RuntimeError(f"resuming at batch {skip} of epoch {self.state.epoch}, but the "
-                                   f"data shard has only {consumed} batches per epoch")
+                raise RuntimeError(
+                    f"resuming at batch {skip} of epoch {self.state.epoch}, but the "
+                    f"data shard has only {consumed} batches per epoch"
+                )
 
     def next(self) -> Batch:
         if self.iterator is None:
@@ -174,8 +179,10 @@ class DataStream:
                 batch = next(self.iterator)
             except StopIteration:
                 if attempt:
-                    raise RuntimeError("this worker's data shard yields no full micro-batch: fewer rows "
-                                       "than train.micro_batch_size x workers") from None
+                    raise RuntimeError(
+                        "this worker's data shard yields no full micro-batch: fewer rows "
+                        "than train.micro_batch_size x workers"
+                    ) from None
                 self.state.epoch += 1
                 self.state.batches_in_epoch = 0
                 self._start()
@@ -207,15 +214,20 @@ class Cadence:
     preview_every: int
 
     @classmethod
-    def from_config(cls, train: TrainConfig) -> "Cadence":
+    def from_config(cls, train: TrainConfig) -> Cadence:
         return cls(train.steps, train.log_every, train.eval_every, train.checkpoint_every, train.sample_every)
 
     def due(self, step: int) -> Due:
         final = step == self.steps
         checkpoint = step % self.checkpoint_every == 0 or final
         evaluate = bool(self.eval_every) and step % self.eval_every == 0
-        return Due(log=step % self.log_every == 0 or final, evaluate=evaluate or checkpoint,
-                   checkpoint=checkpoint, preview=step % self.preview_every == 0, final=final)
+        return Due(
+            log=step % self.log_every == 0 or final,
+            evaluate=evaluate or checkpoint,
+            checkpoint=checkpoint,
+            preview=step % self.preview_every == 0,
+            final=final,
+        )
 
 
 # on_step(state, due, metrics): metrics (window means) exactly when due.log, else None
@@ -297,12 +309,14 @@ def _replace_nonfinite(
     if train_config.nonfinite_loss == "raise":
         raise NonFiniteLossError(
             f"non-finite loss at step {state.step} on some rank ({detail} here); stopped before the "
-            "backward pass, weights untouched. Set train.nonfinite_loss=skip to skip such batches.")
+            "backward pass, weights untouched. Set train.nonfinite_loss=skip to skip such batches."
+        )
     state.nonfinite_skipped += 1
     stand_in = backend.forward(torch.zeros_like(latents), labels, generator)["loss"]
     if not backend.all_true(bool(torch.isfinite(stand_in.detach()).all())):
-        raise NonFiniteLossError(f"non-finite loss at step {state.step} even on a zero batch: the "
-                                 "weights themselves are no longer finite")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {state.step} even on a zero batch: the weights themselves are no longer finite"
+        )
     for key in losses:
         losses[key] = torch.zeros_like(losses[key])  # keep the bad values out of the metrics
     return stand_in * 0.0
@@ -315,14 +329,16 @@ def _window_metrics(
     means = backend.mean([meter.losses[k] / max(1, meter.steps) for k in keys])
     metrics = dict(zip(keys, means))
     seconds = max(meter.seconds, 1e-9)
-    metrics.update({
-        "lr": lr,
-        "samples_per_s_per_worker": meter.samples / seconds,
-        "tokens_per_s_per_worker": meter.samples * tokens_per_sample / seconds,
-        "data_wait_fraction": meter.data_seconds / seconds,
-        "epoch": float(state.epoch),
-        "nonfinite_skipped": float(state.nonfinite_skipped),
-    })
+    metrics.update(
+        {
+            "lr": lr,
+            "samples_per_s_per_worker": meter.samples / seconds,
+            "tokens_per_s_per_worker": meter.samples * tokens_per_sample / seconds,
+            "data_wait_fraction": meter.data_seconds / seconds,
+            "epoch": float(state.epoch),
+            "nonfinite_skipped": float(state.nonfinite_skipped),
+        }
+    )
     if meter.grad_norm_steps:
         metrics["grad_norm"] = meter.grad_norm / meter.grad_norm_steps
     return metrics

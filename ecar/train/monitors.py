@@ -34,8 +34,12 @@ class Validator:
         from ecar.data.reader import read_latents
 
         if self.held_out is None:
-            latents, labels = read_latents(self.data.manifest or self.data.manifest_uri, self.data.val_split,
-                                           self.data.val_rows, self.config.storage)
+            latents, labels = read_latents(
+                self.data.manifest or self.data.manifest_uri,
+                self.data.val_split,
+                self.data.val_rows,
+                self.config.storage,
+            )
             part = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
             self.held_out = latents[part], labels[part]
         return self.held_out
@@ -50,8 +54,9 @@ class Validator:
             generator = torch.Generator(device=backend.device)
             # the same draws at every evaluation: a function of the seed and the row position only
             generator.manual_seed(derived_seed(self.config.train.seed, -1, index, self.rank))
-            losses = backend.forward(latents[part].to(backend.device, backend.dtype),
-                                     labels[part].to(backend.device), generator)
+            losses = backend.forward(
+                latents[part].to(backend.device, backend.dtype), labels[part].to(backend.device), generator
+            )
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value) / batches
         keys = sorted(sums)
@@ -95,12 +100,13 @@ class PeakMemory:
         import torch.distributed as dist
 
         self.sample()
-        values = torch.tensor([self.peak, self.peak - self.baseline, state_bytes], dtype=torch.float64,
-                              device=device)
+        values = torch.tensor([self.peak, self.peak - self.baseline, state_bytes], dtype=torch.float64, device=device)
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        metrics = {"peak_rss_mib_max_worker": values[0].item() / 2**20,
-                   "peak_rss_growth_mib_max_worker": values[1].item() / 2**20,
-                   "model_state_mib_max_worker": values[2].item() / 2**20}
+        metrics = {
+            "peak_rss_mib_max_worker": values[0].item() / 2**20,
+            "peak_rss_growth_mib_max_worker": values[1].item() / 2**20,
+            "model_state_mib_max_worker": values[2].item() / 2**20,
+        }
         if device.type == "cuda":
             metrics["peak_gpu_mib_this_worker"] = torch.cuda.max_memory_allocated(device) / 2**20
         return metrics
@@ -134,8 +140,9 @@ class Preview:
             images, what = self.decoder(latents / self.data.latent_scale), "decoded by the tokenizer"
         else:
             images, what = latents, "latent channels 0-2 (no tokenizer to decode)"
-        return sample_grid(images, self.labels, f"EMA samples, step {step}: {what}",
-                           list(self.data.class_names) or None)
+        return sample_grid(
+            images, self.labels, f"EMA samples, step {step}: {what}", list(self.data.class_names) or None
+        )
 
 
 def _preview_decoder(data: ManifestSummary, config: Config):

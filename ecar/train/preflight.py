@@ -32,9 +32,16 @@ def _s3_client_probe(uri: str, config: Config, key: str) -> None:
 
     bucket = urlparse(uri).netloc
     endpoint = storage.endpoint_url(config.storage) or None
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=storage.region(config.storage) or None,
-                          config=BotoConfig(connect_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S,
-                                            retries={"max_attempts": 1, "mode": "standard"}))
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=storage.region(config.storage) or None,
+        config=BotoConfig(
+            connect_timeout=PROBE_TIMEOUT_S,
+            read_timeout=PROBE_TIMEOUT_S,
+            retries={"max_attempts": 1, "mode": "standard"},
+        ),
+    )
     try:
         client.head_bucket(Bucket=bucket)
     except ClientError as error:
@@ -66,8 +73,10 @@ def check_tracking(tracking_uri: str) -> None:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as response:
             response.read()
     except (urllib.error.URLError, OSError) as error:
-        raise PreflightError(f"tracking.tracking_uri: the MLflow server at {tracking_uri} does not answer: "
-                             f"{getattr(error, 'reason', error)}") from None
+        raise PreflightError(
+            f"tracking.tracking_uri: the MLflow server at {tracking_uri} does not answer: "
+            f"{getattr(error, 'reason', error)}"
+        ) from None
 
 
 def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> ManifestSummary:
@@ -87,22 +96,28 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
     except FileNotFoundError as error:
         raise PreflightError(f"data.manifest_uri: {error}") from None
     if split not in manifest["splits"]:
-        raise PreflightError(f"data.manifest_uri: {manifest_uri} has no {split!r} split "
-                             f"(splits: {', '.join(manifest['splits'])})")
+        raise PreflightError(
+            f"data.manifest_uri: {manifest_uri} has no {split!r} split (splits: {', '.join(manifest['splits'])})"
+        )
     model = config.model
     expected = [model.latent_channels, model.latent_size, model.latent_size]
     if list(manifest["latent_shape"]) != expected:
         raise PreflightError(
             f"model.latent_channels/model.latent_size: the model takes latents of shape {expected} (C, H, W) but "
-            f"the manifest {manifest_uri} holds {list(manifest['latent_shape'])}")
+            f"the manifest {manifest_uri} holds {list(manifest['latent_shape'])}"
+        )
     if manifest["num_classes"] > model.num_classes:
-        raise PreflightError(f"model.num_classes: {model.num_classes}, but the manifest {manifest_uri} has "
-                             f"{manifest['num_classes']} classes")
+        raise PreflightError(
+            f"model.num_classes: {model.num_classes}, but the manifest {manifest_uri} has "
+            f"{manifest['num_classes']} classes"
+        )
     rows = int(manifest["splits"][split]["rows"])
     needed = config.train.micro_batch_size * config.train.num_workers
     if rows < needed:
-        raise PreflightError(f"train.micro_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one "
-                             f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers")
+        raise PreflightError(
+            f"train.micro_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one "
+            f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers"
+        )
     validate_latents(manifest, [split], config.storage, values=False)
     val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
     return ManifestSummary(

@@ -42,27 +42,46 @@ def write_synthetic_latents(
         latents = values if split == "train" else latents
         entries = []
         for index, part in enumerate(np.array_split(np.arange(count), parts)):
-            columns = {"id": [f"row-{i}" if split == "train" else f"{split}-{i}" for i in part],
-                       "label": labels[part].astype(np.int64),
-                       "latent": pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), dim)}
+            columns = {
+                "id": [f"row-{i}" if split == "train" else f"{split}-{i}" for i in part],
+                "label": labels[part].astype(np.int64),
+                "latent": pa.FixedSizeListArray.from_arrays(pa.array(values[part].ravel()), dim),
+            }
             if flip:
                 mirrored = values[part].reshape(-1, *shape)[..., ::-1]
                 columns["latent_flip"] = pa.FixedSizeListArray.from_arrays(pa.array(mirrored.ravel()), dim)
             table = pa.table(columns, schema=schema)
             write_table(latent_shard_uri(prefix, split, shard_name(index)), table, storage_config)
             entries.append({"name": shard_name(index), "rows": len(part), "quarantined": 0})
-        splits[split] = {"rows": count, "quarantined": 0, "input_rows": count, "quarantine_reasons": {},
-                         "shards": entries}
+        splits[split] = {
+            "rows": count,
+            "quarantined": 0,
+            "input_rows": count,
+            "quarantine_reasons": {},
+            "shards": entries,
+        }
     std = float(latents.std())
-    write_manifest(prefix, {
-        "schema_version": SCHEMA_VERSION, "kind": "latents",
-        "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
-        "latent_shape": list(shape), "latent_dtype": "float32",
-        "latent_scale": 1.0 / std, "latent_mean": float(latents.mean()), "latent_std": std,
-        "scale_split": "train", "flip_augment": flip,
-        "num_classes": num_classes, "class_names": [f"class {k}" for k in range(num_classes)],
-        "image_size": 0, "image_channels": 0, "source": {"images_uri": "", "kind": "synthetic", "uri": ""},
-        "splits": splits,
-        "quarantined": 0,
-    }, storage_config)
+    write_manifest(
+        prefix,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "latents",
+            "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
+            "latent_shape": list(shape),
+            "latent_dtype": "float32",
+            "latent_scale": 1.0 / std,
+            "latent_mean": float(latents.mean()),
+            "latent_std": std,
+            "scale_split": "train",
+            "flip_augment": flip,
+            "num_classes": num_classes,
+            "class_names": [f"class {k}" for k in range(num_classes)],
+            "image_size": 0,
+            "image_channels": 0,
+            "source": {"images_uri": "", "kind": "synthetic", "uri": ""},
+            "splits": splits,
+            "quarantined": 0,
+        },
+        storage_config,
+    )
     return prefix

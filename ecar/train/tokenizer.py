@@ -65,7 +65,7 @@ class EfficientNetFeatures(nn.Module):
                 features.append(x)
         return features
 
-    def train(self, mode: bool = True) -> "EfficientNetFeatures":
+    def train(self, mode: bool = True) -> EfficientNetFeatures:
         return super().train(False)  # batch-norm statistics stay ImageNet's
 
 
@@ -97,7 +97,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     # state): a short warm-up, then cosine decay to 10% of the peak
     warmup = max(1, tok.steps // 50)
     perceptual = EfficientNetFeatures().to(device) if tok.perceptual else None
-    latent_elements = config.model.latent_channels * config.model.latent_size ** 2
+    latent_elements = config.model.latent_channels * config.model.latent_size**2
     step = _restore(ray.train.get_checkpoint(), raw, optimizer)
     every = max(100, tok.steps // 4)
     board = loop_config.get("progress") if rank == 0 else None  # ecar.progress.worker_progress
@@ -105,8 +105,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     per_worker = max(1, tok.batch_size // tok.num_workers)
     started, metrics = time.time(), {"step": step}
     while step < tok.steps:
-        for batch in shard.iter_torch_batches(batch_size=per_worker, dtypes={"image": torch.float32},
-                                              device=device, drop_last=True, local_shuffle_buffer_size=4 * per_worker):
+        for batch in shard.iter_torch_batches(
+            batch_size=per_worker,
+            dtypes={"image": torch.float32},
+            device=device,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * per_worker,
+        ):
             images = batch["image"]
             reconstruction, kl = model(images)
             l1 = (reconstruction - images).abs().mean()
@@ -125,10 +130,21 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                     ray.get(posted)  # the final count is there before the driver's last read
             if step % 100 == 0 or step == tok.steps:
                 mse = (reconstruction.detach().clamp(-1, 1) - images).pow(2).mean() / 4  # on [0, 1]
-                metrics = {"step": step, "loss": float(loss), "l1": float(l1), "kl": float(kl),
-                           "train_psnr": float(-10 * torch.log10(mse + 1e-12))}
-                log.info("tokenizer step %d/%d loss %.4f psnr %.2f dB (%.1f s)", step, tok.steps,
-                         metrics["loss"], metrics["train_psnr"], time.time() - started)
+                metrics = {
+                    "step": step,
+                    "loss": float(loss),
+                    "l1": float(l1),
+                    "kl": float(kl),
+                    "train_psnr": float(-10 * torch.log10(mse + 1e-12)),
+                }
+                log.info(
+                    "tokenizer step %d/%d loss %.4f psnr %.2f dB (%.1f s)",
+                    step,
+                    tok.steps,
+                    metrics["loss"],
+                    metrics["train_psnr"],
+                    time.time() - started,
+                )
             if step % every == 0 and step < tok.steps:
                 _report(metrics, raw, optimizer, step, config, rank)
             if step >= tok.steps:
@@ -139,8 +155,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 STATE_NAME = "training_state.pt"
 
 
-def _report(metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimizer, step: int, config: Config,
-            rank: int) -> None:
+def _report(
+    metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimizer, step: int, config: Config, rank: int
+) -> None:
     """A checkpoint from rank 0 (tokenizer files + optimizer state), metrics from every rank:
     `ray.train.report` is a barrier that all ranks must reach equally often."""
     import ray.train
@@ -150,8 +167,7 @@ def _report(metrics: dict[str, Any], model: KLVAE, optimizer: torch.optim.Optimi
         if rank == 0:
             save_vae(model, folder, config.data.image_size)
             # optimizer moments and counters: plain tensors and numbers, loaded with weights_only=True
-            torch.save({"optimizer": optimizer.state_dict(), "step": step},
-                       os.path.join(folder, STATE_NAME))
+            torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(folder, STATE_NAME))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -189,8 +205,10 @@ def evaluate_tokenizer(model: nn.Module, images_BCHW: torch.Tensor, fid_images: 
     reconstructions vs originals) over the first `fid_images` of them (0: skipped)."""
     model.eval()
     reconstruction = reconstruct(model, images_BCHW)
-    metrics = {"psnr": float(psnr_per_image(reconstruction, images_BCHW).mean()),
-               "eval_images": int(images_BCHW.shape[0])}
+    metrics = {
+        "psnr": float(psnr_per_image(reconstruction, images_BCHW).mean()),
+        "eval_images": int(images_BCHW.shape[0]),
+    }
     if fid_images:
         from ecar.evaluation.fid import fid_from_features, inception_features
 
@@ -212,21 +230,32 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
         raise ConfigError("tokenizer.kind: only kl_vae tokenizers are trained here (a diffusers VAE is loaded as is)")
     manifest = read_images_manifest(images_uri, config)
     if (manifest["image_size"], manifest["image_channels"]) != (config.data.image_size, config.data.image_channels):
-        raise ConfigError(f"data.image_size: the shards at {images_uri} hold {manifest['image_size']}x"
-                          f"{manifest['image_size']}x{manifest['image_channels']} images, the config asks for "
-                          f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}")
+        raise ConfigError(
+            f"data.image_size: the shards at {images_uri} hold {manifest['image_size']}x"
+            f"{manifest['image_size']}x{manifest['image_channels']} images, the config asks for "
+            f"{config.data.image_size}x{config.data.image_size}x{config.data.image_channels}"
+        )
     filesystem, _ = storage.arrow_fs(images_uri, config.storage)
     paths = [storage.arrow_fs(uri, config.storage)[1] for uri in image_shard_uris(images_uri, "train", manifest)]
-    dataset = (ray.data.read_parquet(paths, filesystem=filesystem, shuffle="files").select_columns(["image"])
-               .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256))
+    dataset = (
+        ray.data.read_parquet(paths, filesystem=filesystem, shuffle="files")
+        .select_columns(["image"])
+        .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256)
+    )
     tok = config.tokenizer
     # The run's state lives next to a local output under a name fixed by what is trained, so
     # that re-running the same job after a failure resumes from its latest checkpoint. For an
     # s3:// output it stays in a local temporary folder (no resume): Ray Train's run folder on
     # the loopback S3 test server hung after the final report, and an unverified path is worse
     # than a slower re-run.
-    identity = json.dumps({"tokenizer": config.to_dict()["tokenizer"], "images_uri": images_uri,
-                           "shape": dataclasses.asdict(vae_shape(config))}, sort_keys=True)
+    identity = json.dumps(
+        {
+            "tokenizer": config.to_dict()["tokenizer"],
+            "images_uri": images_uri,
+            "shape": dataclasses.asdict(vae_shape(config)),
+        },
+        sort_keys=True,
+    )
     run_name = f"tokenizer-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     scratch = None
     if storage.is_remote(output_uri):
@@ -239,11 +268,16 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"config": config.to_dict(), "progress": board},
-            scaling_config=ScalingConfig(num_workers=tok.num_workers, use_gpu=tok.use_gpu,
-                                         resources_per_worker={"CPU": tok.cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=tok.num_workers, use_gpu=tok.use_gpu, resources_per_worker={"CPU": tok.cpus_per_worker}
+            ),
             datasets={"train": dataset},
-            run_config=RunConfig(name=run_name, storage_path=run_path, storage_filesystem=run_filesystem,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=run_path,
+                storage_filesystem=run_filesystem,
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
         )
         result = trainer.fit()
     train_seconds = time.time() - started
@@ -253,10 +287,24 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
         scratch.cleanup()
     held_out = read_image_split(images_uri, eval_split, tok.eval_images, config)
     metrics = evaluate_tokenizer(model, held_out, tok.fid_images)
-    metrics.update({"eval_split": eval_split, "train_seconds": round(train_seconds, 1),
-                    "final_train_loss": (result.metrics or {}).get("loss")})
-    log.info("tokenizer: PSNR %.2f dB on %d %s images%s", metrics["psnr"], metrics["eval_images"], eval_split,
-             f", rFID {metrics['rfid']:.2f} on {metrics['fid_images']}" if "rfid" in metrics else "")
-    return save_vae(model, output_uri, config.data.image_size, storage_config=config.storage,
-                    extra={"metrics": metrics, "tokenizer_config": config.to_dict()["tokenizer"],
-                           "images_uri": images_uri})
+    metrics.update(
+        {
+            "eval_split": eval_split,
+            "train_seconds": round(train_seconds, 1),
+            "final_train_loss": (result.metrics or {}).get("loss"),
+        }
+    )
+    log.info(
+        "tokenizer: PSNR %.2f dB on %d %s images%s",
+        metrics["psnr"],
+        metrics["eval_images"],
+        eval_split,
+        f", rFID {metrics['rfid']:.2f} on {metrics['fid_images']}" if "rfid" in metrics else "",
+    )
+    return save_vae(
+        model,
+        output_uri,
+        config.data.image_size,
+        storage_config=config.storage,
+        extra={"metrics": metrics, "tokenizer_config": config.to_dict()["tokenizer"], "images_uri": images_uri},
+    )

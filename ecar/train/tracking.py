@@ -29,10 +29,16 @@ def git_commit() -> str:
     """The source tree's commit (with "-dirty" when it has local changes), or "unknown"."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
@@ -51,8 +57,15 @@ def _experiment_id(client, config: Config, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def open_run(config: Config, tracking_uri: str, name: str, manifest_uri: str, run_uri: str,
-             parent_run_id: str = "", tags: dict[str, str] | None = None) -> tuple[str, bool]:
+def open_run(
+    config: Config,
+    tracking_uri: str,
+    name: str,
+    manifest_uri: str,
+    run_uri: str,
+    parent_run_id: str = "",
+    tags: dict[str, str] | None = None,
+) -> tuple[str, bool]:
     """(run id, resumed): the MLflow run of training run `name`, created with params (the
     flattened config), tags and the config artifact, or found again when the run resumes.
     With `parent_run_id` it is created as that run's child (a sweep's trial)."""
@@ -60,22 +73,29 @@ def open_run(config: Config, tracking_uri: str, name: str, manifest_uri: str, ru
 
     client = _client(tracking_uri)
     experiment_id = _experiment_id(client, config, tracking_uri)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
-                               max_results=1)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {RUN_NAME_TAG: name, "preset": config.preset, "git_commit": git_commit(),
-            "manifest_uri": manifest_uri, "run_uri": run_uri, **(tags or {})}
+    tags = {
+        RUN_NAME_TAG: name,
+        "preset": config.preset,
+        "git_commit": git_commit(),
+        "manifest_uri": manifest_uri,
+        "run_uri": run_uri,
+        **(tags or {}),
+    }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     run_id = run.info.run_id
-    params = [Param(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-              for key, value in config.flat().items()]
+    params = [
+        Param(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+        for key, value in config.flat().items()
+    ]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=params[start:start + 100])
+        client.log_batch(run_id, params=params[start : start + 100])
     client.log_text(run_id, config.to_json(), "config.json")
     client.set_tag(run_id, "mlflow.note.content", f"E-CAR training run {name} ({config.preset})")
     return run_id, False
@@ -108,8 +128,9 @@ def loss_curve(history: dict[str, list]):
     figure, axes = plt.subplots(figsize=(6, 4))
     for key, points in sorted(history.items()):
         points = sorted(points, key=lambda m: m.step)
-        axes.plot([m.step for m in points], [m.value for m in points], label=key,
-                  linewidth=2.0 if key == "loss" else 1.0)
+        axes.plot(
+            [m.step for m in points], [m.value for m in points], label=key, linewidth=2.0 if key == "loss" else 1.0
+        )
     axes.set_xlabel("step")
     axes.set_ylabel("flow-matching loss")
     axes.set_yscale("log")
@@ -140,8 +161,7 @@ def sample_grid(images_BCHW: torch.Tensor, labels_B: torch.Tensor, title: str, c
         image = ((image - low) / (high - low + 1e-8)).permute(1, 2, 0).numpy()
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
         label = int(labels_B[index])
-        ax.set_title(class_names[label] if class_names and label < len(class_names) else f"class {label}",
-                     fontsize=7)
+        ax.set_title(class_names[label] if class_names and label < len(class_names) else f"class {label}", fontsize=7)
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     return figure
@@ -183,4 +203,3 @@ class RankZeroTracker:
         the driver's progress display reads), so that a slow start is never silent."""
         if self.enabled:
             self.client.set_tag(self.run_id, PHASE_TAG, phase)
-

@@ -41,10 +41,11 @@ class ManifestSummary:
     manifest: dict[str, Any] = dataclasses.field(default_factory=dict)  # as read: nobody reads it again
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ManifestSummary":
+    def from_dict(cls, values: dict[str, Any]) -> ManifestSummary:
         """The inverse of dataclasses.asdict (JSON-safe through Ray: tuples come back as lists)."""
-        return cls(**{**values, "latent_shape": tuple(values["latent_shape"]),
-                      "class_names": tuple(values["class_names"])})
+        return cls(
+            **{**values, "latent_shape": tuple(values["latent_shape"]), "class_names": tuple(values["class_names"])}
+        )
 
 
 def run_uri(config: Config, name: str) -> str:
@@ -77,8 +78,10 @@ def train_worker(arguments: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
 
     tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
-    tracker.set_phase("building the model and the DeepSpeed engine (a machine's first run also compiles "
-                      "DeepSpeed's CPU op: 1-2 minutes)")
+    tracker.set_phase(
+        "building the model and the DeepSpeed engine (a machine's first run also compiles "
+        "DeepSpeed's CPU op: 1-2 minutes)"
+    )
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     backend = DeepSpeedBackend(build_model(config), config, device)
     ema = EMA(backend.ema_sources(), config.train.ema_decay)
@@ -91,8 +94,15 @@ def train_worker(arguments: dict[str, Any]) -> None:
     def open_epoch(epoch: int):
         # Seeded by epoch: the same order and mirror choices whenever an epoch is replayed after
         # a restart, other ones in the next epoch.
-        for batch in torch_batches(shard, config.train.micro_batch_size, config.data.shuffle_buffer_rows,
-                                   config.train.seed, epoch=epoch, rank=rank, prefetch_batches=2):
+        for batch in torch_batches(
+            shard,
+            config.train.micro_batch_size,
+            config.data.shuffle_buffer_rows,
+            config.train.seed,
+            epoch=epoch,
+            rank=rank,
+            prefetch_batches=2,
+        ):
             yield batch["latent"].reshape(-1, *data.latent_shape), batch["label"]
 
     events.memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
@@ -106,16 +116,29 @@ class RunEvents:
     to Ray Train), and at the end log peak memory and export the EMA weights. Every rank calls
     each method at the same steps: previews, evaluation and reports are collectives."""
 
-    def __init__(self, config: Config, data: ManifestSummary, backend: Any, ema: Any, arguments: dict[str, Any],
-                 rank: int, world_size: int, tracker: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        data: ManifestSummary,
+        backend: Any,
+        ema: Any,
+        arguments: dict[str, Any],
+        rank: int,
+        world_size: int,
+        tracker: Any,
+    ) -> None:
         from ecar.train import checkpoint as ckpt
         from ecar.train.monitors import PeakMemory, Preview, Validator
 
         self.config, self.data, self.backend, self.ema, self.rank = config, data, backend, ema, rank
         self.export_uri, self.mlflow_run_id = arguments["export_uri"], arguments["mlflow_run_id"]
         self.tracker = tracker
-        self.info = ckpt.RunInfo(world_size=world_size, zero_stage=config.train.zero_stage,
-                                 manifest_uri=data.manifest_uri, mlflow_run_id=self.mlflow_run_id)
+        self.info = ckpt.RunInfo(
+            world_size=world_size,
+            zero_stage=config.train.zero_stage,
+            manifest_uri=data.manifest_uri,
+            mlflow_run_id=self.mlflow_run_id,
+        )
         self.memory = PeakMemory()
         self.preview = Preview(config, data, rank) if rank == 0 else None
         self.validator = Validator(config, data, rank, world_size) if data.val_rows else None
@@ -135,8 +158,13 @@ class RunEvents:
             ckpt.check_compatible(saved, self.info.world_size, self.config.train.zero_stage)
             self.backend.load(directory)
             self.ema.load_state_dict(ckpt.read_ema(directory, self.config.train.zero_stage, self.rank))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint.path, state.step, state.epoch,
-                 state.batches_in_epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            checkpoint.path,
+            state.step,
+            state.epoch,
+            state.batches_in_epoch,
+        )
         self.tracker.log_metrics(state.step, {"resumed_at_step": float(state.step)})
         self.tracker.log_text(f"{checkpoint.path}\n", f"resumes/step_{state.step:08d}.txt")
         return state
@@ -164,8 +192,11 @@ class RunEvents:
             with tempfile.TemporaryDirectory(prefix="ecar-ckpt-") as directory:
                 self.backend.save(Path(directory))
                 ckpt.save_local(Path(directory), state, self.ema.state_dict(), self.info, self.config, self.rank)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                 checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(directory),
+                    checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+                )
         elif due.evaluate:
             ray.train.report(report)  # a barrier too: every rank reports at the same steps
         self.memory.reset()
@@ -176,14 +207,22 @@ class RunEvents:
         from ecar.models import build_model
 
         device = self.backend.device
-        self.tracker.log_metrics(state.step, self.memory.metrics(device, self.backend.state_bytes(
-            list(self.ema.shadow.values()))))
+        self.tracker.log_metrics(
+            state.step, self.memory.metrics(device, self.backend.state_bytes(list(self.ema.shadow.values())))
+        )
         whole = self.backend.gather(self.ema.shadow)
         if self.rank == 0:
             full = build_model(self.config).state_dict()
             full.update(whole)
-            save_exported(full, self.config, self.export_uri, latent_scale=self.data.latent_scale,
-                          manifest_uri=self.data.manifest_uri, step=state.step, mlflow_run_id=self.mlflow_run_id)
+            save_exported(
+                full,
+                self.config,
+                self.export_uri,
+                latent_scale=self.data.latent_scale,
+                manifest_uri=self.data.manifest_uri,
+                step=state.step,
+                mlflow_run_id=self.mlflow_run_id,
+            )
             log.info("exported the EMA weights at step %d to %s", state.step, self.export_uri)
 
 
@@ -234,8 +273,9 @@ def fit(
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     config = storage.with_absolute_root(config)
-    mlflow_run_id, resumed = open_run(config, tracking_uri, name, source.manifest_uri, run_uri(config, name),
-                                      parent_run_id=parent_run_id, tags=tags)
+    mlflow_run_id, resumed = open_run(
+        config, tracking_uri, name, source.manifest_uri, run_uri(config, name), parent_run_id=parent_run_id, tags=tags
+    )
     log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
@@ -255,10 +295,13 @@ def fit(
             "mlflow_run_id": mlflow_run_id,
             "export_uri": export_uri(config, name),
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.num_to_keep),
             worker_runtime_env={"env_vars": worker_env(config)} if worker_env(config) else None,
@@ -267,8 +310,13 @@ def fit(
         datasets={DATASET_NAME: dataset},
         dataset_config=ray.train.DataConfig(execution_options=options),
     )
-    log.info("starting %d training worker(s) (Ray Train, DeepSpeed ZeRO-%d, %g CPU each) for %d steps",
-             train.num_workers, train.zero_stage, train.cpus_per_worker, train.steps)
+    log.info(
+        "starting %d training worker(s) (Ray Train, DeepSpeed ZeRO-%d, %g CPU each) for %d steps",
+        train.num_workers,
+        train.zero_stage,
+        train.cpus_per_worker,
+        train.steps,
+    )
     try:
         with training_progress(tracking_uri, mlflow_run_id, train.steps, f"train {name}"):
             result = trainer.fit()
@@ -277,6 +325,11 @@ def fit(
         raise
     uri = export_uri(config, name)
     finish_run(tracking_uri, mlflow_run_id, uri)
-    return FitResult(name=name, run_uri=run_uri(config, name), export_uri=uri, mlflow_run_id=mlflow_run_id,
-                     checkpoint_uri=result.checkpoint.path if result.checkpoint else None,
-                     metrics=dict(result.metrics or {}))
+    return FitResult(
+        name=name,
+        run_uri=run_uri(config, name),
+        export_uri=uri,
+        mlflow_run_id=mlflow_run_id,
+        checkpoint_uri=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}),
+    )

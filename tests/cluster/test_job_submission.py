@@ -47,11 +47,16 @@ def test_a_submitted_training_job_trains_and_checkpoints_to_s3(head_node, s3_pre
 
     latents = write_synthetic_latents(f"{s3_prefix}/latents", rows=64, shape=(4, 8, 8), shards=2)
     client = head_node.client()
-    entrypoint = (f"python -m jobs.train --preset ecar-debug --manifest {latents} --output {s3_prefix} "
-                  "--name submitted train.steps=4 train.checkpoint_every=2 train.sample_every=4 "
-                  "train.log_every=2 train.num_workers=1 train.global_batch_size=8")
-    job_id = submit(client, entrypoint=entrypoint,
-                    runtime_env={"working_dir": ".", "excludes": ["outputs", "*.db"], "env_vars": job_env()})
+    entrypoint = (
+        f"python -m jobs.train --preset ecar-debug --manifest {latents} --output {s3_prefix} "
+        "--name submitted train.steps=4 train.checkpoint_every=2 train.sample_every=4 "
+        "train.log_every=2 train.num_workers=1 train.global_batch_size=8"
+    )
+    job_id = submit(
+        client,
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": ".", "excludes": ["outputs", "*.db"], "env_vars": job_env()},
+    )
     status = wait(client, job_id)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
@@ -67,8 +72,11 @@ def test_a_job_with_a_bad_preset_fails_with_one_clear_line(head_node):
     from ray.job_submission import JobStatus
 
     client = head_node.client()
-    job_id = submit(client, entrypoint="python -m jobs.train --preset ecar-huge --manifest s3://ecar-test/x",
-                    runtime_env={"working_dir": ".", "excludes": ["outputs", "*.db"]})
+    job_id = submit(
+        client,
+        entrypoint="python -m jobs.train --preset ecar-huge --manifest s3://ecar-test/x",
+        runtime_env={"working_dir": ".", "excludes": ["outputs", "*.db"]},
+    )
     assert wait(client, job_id, 300) == JobStatus.FAILED
     logs = client.get_job_logs(job_id)
     assert "unknown preset 'ecar-huge'" in logs and "Traceback" not in logs

@@ -22,8 +22,8 @@ from ecar.data.shards import IMAGE_SCHEMA, read_table, write_table
 from ecar.presets import get_config
 from ecar.tokenizer import load_tokenizer
 from ecar.tokenizer.vae import KLVAE, save_vae, vae_shape
-from ecar.train.tokenizer import train_tokenizer
 from ecar.train.synthetic import write_synthetic_latents
+from ecar.train.tokenizer import train_tokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -52,8 +52,16 @@ def small_images(tmp_path_factory) -> str:
 
 @pytest.mark.timeout(480)  # ~100 s alone; a shared 2-core machine can triple it
 def test_prepare_train_encode_read_through_s3(ray_cluster, s3_prefix):
-    config = get_config("ecar-debug", {"data.shard_rows": 64, "data.flip_augment": True, "tokenizer.steps": 10,
-                                       "tokenizer.eval_images": 32, "tokenizer.fid_images": 8})
+    config = get_config(
+        "ecar-debug",
+        {
+            "data.shard_rows": 64,
+            "data.flip_augment": True,
+            "tokenizer.steps": 10,
+            "tokenizer.eval_images": 32,
+            "tokenizer.fid_images": 8,
+        },
+    )
     images, tokenizer, latents = (storage.join(s3_prefix, name) for name in ("images", "tokenizer", "latents"))
     prepared = prepare_images(config, images, limit_per_split=300)
     assert prepared["splits"]["train"]["rows"] == 300 and len(prepared["splits"]["train"]["shards"]) == 5
@@ -68,7 +76,10 @@ def test_prepare_train_encode_read_through_s3(ray_cluster, s3_prefix):
     assert manifest["tokenizer"] == load_tokenizer(config).identity
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["latent_dtype"] == "float32"
     assert manifest["quarantined"] == 0 and manifest["num_classes"] == 10
-    assert json.loads(storage.read_text(storage.join(latents, "manifest.json")))["latent_scale"] == manifest["latent_scale"]
+    assert (
+        json.loads(storage.read_text(storage.join(latents, "manifest.json")))["latent_scale"]
+        == manifest["latent_scale"]
+    )
     validate_latents(latents)
 
     dataset = latent_dataset(latents, "train", seed=0)
@@ -79,7 +90,9 @@ def test_prepare_train_encode_read_through_s3(ray_cluster, s3_prefix):
         rows += len(batch["label"])
         labels += batch["label"].tolist()
     assert rows == 300 and set(labels) <= set(range(10))
-    ids = [i for b in latent_dataset(latents, "train", keep_ids=True).iter_batches(batch_format="numpy") for i in b["id"]]
+    ids = [
+        i for b in latent_dataset(latents, "train", keep_ids=True).iter_batches(batch_format="numpy") for i in b["id"]
+    ]
     assert sorted(ids) == sorted(_ids(latents, "train")) and len(set(ids)) == 300
     decoded = load_tokenizer(config).model.decode(batch["latent"] / manifest["latent_scale"])
     assert decoded.shape[1:] == (1, 16, 16)
@@ -99,9 +112,11 @@ def test_mirror_choices_are_drawn_anew_each_epoch_and_again_on_replay(ray_cluste
     dataset = latent_dataset(prefix, "train", seed=0, scaled=False)
 
     def epoch(number: int) -> list[tuple[str, bool]]:
-        return [which[row.numpy().tobytes()]
-                for batch in torch_batches(dataset, batch_size=16, shuffle_buffer_rows=64, seed=0, epoch=number)
-                for row in batch["latent"].flatten(1)]
+        return [
+            which[row.numpy().tobytes()]
+            for batch in torch_batches(dataset, batch_size=16, shuffle_buffer_rows=64, seed=0, epoch=number)
+            for row in batch["latent"].flatten(1)
+        ]
 
     first, second = epoch(0), epoch(1)
     assert sorted(i for i, _ in first) == sorted(i for i, _ in second) == sorted(ids)
@@ -114,15 +129,19 @@ def test_mirror_choices_are_drawn_anew_each_epoch_and_again_on_replay(ray_cluste
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_killed_encode_reruns_to_exact_counts(ray_cluster, small_images, random_tokenizer, tmp_storage, where,
-                                                request):
+def test_a_killed_encode_reruns_to_exact_counts(
+    ray_cluster, small_images, random_tokenizer, tmp_storage, where, request
+):
     output = tmp_storage if where == "local" else request.getfixturevalue("s3_prefix")
     config = get_config("ecar-debug", {"tokenizer.checkpoint_uri": random_tokenizer, "data.encode_batch_size": 16})
     with pytest.raises(RuntimeError, match="fault injected after 4 shards"):
         encode_latents(config, small_images, output, fault_after_shards=4)
     assert not storage.exists(storage.join(output, "manifest.json"))
-    done = {f: storage.read_bytes(f) for split in ("train", "test")
-            for f in storage.list_files(storage.join(output, "latents", split), ".parquet")}
+    done = {
+        f: storage.read_bytes(f)
+        for split in ("train", "test")
+        for f in storage.list_files(storage.join(output, "latents", split), ".parquet")
+    }
     assert len(done) == 4
 
     written: list[tuple[str, str]] = []
@@ -131,8 +150,11 @@ def test_a_killed_encode_reruns_to_exact_counts(ray_cluster, small_images, rando
     assert all(storage.read_bytes(f) == blob for f, blob in done.items())  # finished shards untouched
     for split in ("train", "test"):
         ids = _ids(output, split)
-        expected = [i for f in storage.list_files(storage.join(small_images, split), ".parquet")
-                    for i in read_table(f, columns=["id"]).column("id").to_pylist()]
+        expected = [
+            i
+            for f in storage.list_files(storage.join(small_images, split), ".parquet")
+            for i in read_table(f, columns=["id"]).column("id").to_pylist()
+        ]
         assert manifest["splits"][split]["rows"] == len(ids) == len(set(ids)) == 160
         assert sorted(ids) == sorted(expected)
     validate_latents(output)
@@ -158,9 +180,15 @@ def _bad_image_shards(root: str) -> dict[str, str]:
     rows = good + [{"id": k, "source": f"src/{k}", **row} for k, (row, _) in bad.items()]
     rows.append(dict(good[0], source="src/copy"))  # the same id twice
     write_table(storage.join(root, "train", "shard-00000.parquet"), pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
-    manifest = {"schema_version": 1, "kind": "images", "source": {"kind": "test"}, "image_size": 16,
-                "image_channels": 1, "class_names": [str(i) for i in range(10)],
-                "splits": {"train": {"rows": len(rows), "quarantined": 0, "shards": [{"name": "shard-00000.parquet"}]}}}
+    manifest = {
+        "schema_version": 1,
+        "kind": "images",
+        "source": {"kind": "test"},
+        "image_size": 16,
+        "image_channels": 1,
+        "class_names": [str(i) for i in range(10)],
+        "splits": {"train": {"rows": len(rows), "quarantined": 0, "shards": [{"name": "shard-00000.parquet"}]}},
+    }
     storage.write_text_atomic(storage.join(root, "images.json"), json.dumps(manifest))
     return {k: reason for k, (_, reason) in bad.items()} | {"good-0": q.DUPLICATE_ID}
 
@@ -172,8 +200,13 @@ def test_bad_input_is_quarantined_and_the_limit_enforced(ray_cluster, random_tok
     manifest = encode_latents(config, images, s3_prefix)
     split = manifest["splits"]["train"]
     assert (split["rows"], split["quarantined"], split["input_rows"]) == (6, 7, 13)
-    assert split["quarantine_reasons"] == {q.UNDECODABLE: 3, q.WRONG_SIZE: 1, q.MISSING_LABEL: 1,
-                                           q.BAD_LABEL: 1, q.DUPLICATE_ID: 1}
+    assert split["quarantine_reasons"] == {
+        q.UNDECODABLE: 3,
+        q.WRONG_SIZE: 1,
+        q.MISSING_LABEL: 1,
+        q.BAD_LABEL: 1,
+        q.DUPLICATE_ID: 1,
+    }
     table = read_table(storage.join(s3_prefix, "quarantine", "train", "shard-00000.parquet")).to_pylist()
     assert {row["id"]: q.reason_kind(row["reason"]) for row in table} == expected
     assert {row["id"]: row["source"] for row in table}["wrong-size"] == "src/wrong-size"
@@ -183,8 +216,18 @@ def test_bad_input_is_quarantined_and_the_limit_enforced(ray_cluster, random_tok
     from jobs import encode
 
     strict = storage.join(tmp_storage, "strict")
-    code = encode.main(["--preset", "ecar-debug", "--images", images, "--output", strict,
-                        f"tokenizer.checkpoint_uri={random_tokenizer}", "data.quarantine_limit=0.1"])
+    code = encode.main(
+        [
+            "--preset",
+            "ecar-debug",
+            "--images",
+            images,
+            "--output",
+            strict,
+            f"tokenizer.checkpoint_uri={random_tokenizer}",
+            "data.quarantine_limit=0.1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "7 of 13 rows quarantined" in err and "wrong image size" in err

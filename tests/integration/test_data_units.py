@@ -87,8 +87,15 @@ def test_prepare_quarantines_bad_files_of_an_image_folder(tmp_path, tmp_storage)
     (tree / "coat" / "truncated.png").write_bytes(png((16, 16))[:60])
     (tree / "shirt" / "notes.txt").write_text("not an image")
     (tree / "loose.png").write_bytes(png())  # no class folder: no label
-    config = get_config("ecar-debug", {"data.source": "image_folder", "data.source_uri": str(tree),
-                                       "data.quarantine_limit": 1.0, "model.num_classes": 2})
+    config = get_config(
+        "ecar-debug",
+        {
+            "data.source": "image_folder",
+            "data.source_uri": str(tree),
+            "data.quarantine_limit": 1.0,
+            "model.num_classes": 2,
+        },
+    )
     source = ImageFolderSource(str(tree))
     assert source.class_names() == ["coat", "shirt"]
     manifest = prepare_images(config, tmp_storage)
@@ -113,8 +120,15 @@ def test_prepare_from_parquet_shards_reruns_only_missing_shards(tmp_path, tmp_st
     (source_root / "train").mkdir(parents=True)
     rows = [{"image": png(seed=i), "label": i % 3 if i != 4 else None} for i in range(10)]
     pq.write_table(pa.Table.from_pylist(rows), source_root / "train" / "part-0.parquet")
-    config = get_config("ecar-debug", {"data.source": "parquet", "data.source_uri": str(source_root),
-                                       "data.shard_rows": 4, "data.quarantine_limit": 0.5})
+    config = get_config(
+        "ecar-debug",
+        {
+            "data.source": "parquet",
+            "data.source_uri": str(source_root),
+            "data.shard_rows": 4,
+            "data.quarantine_limit": 0.5,
+        },
+    )
     first = prepare_images(config, tmp_storage)
     assert first["splits"]["train"]["rows"] == 9 and first["splits"]["train"]["quarantined"] == 1
     shard = storage.join(tmp_storage, "train", "shard-00001.parquet")
@@ -172,6 +186,7 @@ def test_diffusers_tokenizer_needs_the_optional_package(tmp_path):
     pytest.importorskip("ecar")
     try:
         import diffusers  # noqa: F401
+
         pytest.skip("diffusers is installed here")
     except ImportError:
         pass
@@ -280,8 +295,9 @@ def test_an_intact_latent_set_validates(latent_set):
     assert manifest["splits"]["train"]["rows"] == 20
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 4]
     # the scale is measured on the data: 1 / the std of every stored train latent value
-    stored = np.concatenate([read_table(f).column("latent").combine_chunks().flatten().to_numpy()
-                             for f in shard_uris(manifest, "train")]).astype(np.float64)
+    stored = np.concatenate(
+        [read_table(f).column("latent").combine_chunks().flatten().to_numpy() for f in shard_uris(manifest, "train")]
+    ).astype(np.float64)
     assert stored.size == 20 * 256
     assert manifest["latent_mean"] == pytest.approx(stored.mean(), rel=1e-5, abs=1e-6)
     assert manifest["latent_std"] == pytest.approx(stored.std(), rel=1e-5)
@@ -305,14 +321,17 @@ def test_a_missing_manifest_is_a_clear_error(tmp_storage):
 
 
 # ----- config and job error lines ------------------------------------------------------------------
-@pytest.mark.parametrize("override, key", [
-    ({"data.quarantine_limit": 1.5}, "data.quarantine_limit"),
-    ({"data.encode_actors": 0}, "data.encode_actors"),
-    ({"data.encode_batch_size": 0}, "data.encode_batch_size"),
-    ({"tokenizer.width": 0}, "tokenizer.width"),
-    ({"tokenizer.fid_images": 1}, "tokenizer.fid_images"),
-    ({"data.image_size": 24}, "data.image_size"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"data.quarantine_limit": 1.5}, "data.quarantine_limit"),
+        ({"data.encode_actors": 0}, "data.encode_actors"),
+        ({"data.encode_batch_size": 0}, "data.encode_batch_size"),
+        ({"tokenizer.width": 0}, "tokenizer.width"),
+        ({"tokenizer.fid_images": 1}, "tokenizer.fid_images"),
+        ({"data.image_size": 24}, "data.image_size"),
+    ],
+)
 def test_data_and_tokenizer_keys_are_validated_by_name(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         get_config("ecar-debug", override)
@@ -327,5 +346,8 @@ def test_jobs_print_one_line_and_return_2_for_user_errors(job, capsys, tmp_path)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown config key data.no_such_key" in err
     if job != "prepare":
-        assert module.main(["--preset", "ecar-debug", "--images", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+        assert (
+            module.main(["--preset", "ecar-debug", "--images", str(tmp_path / "none"), "--output", str(tmp_path / "o")])
+            == 2
+        )
         assert "run `ecar prepare` first" in capsys.readouterr().err

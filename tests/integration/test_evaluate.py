@@ -27,10 +27,21 @@ def latent_manifest(tmp_path_factory):
 
 def _latents_naming(images_uri: str, prefix: str) -> str:
     """A latent manifest at `prefix` with no shards, naming `images_uri` as its source."""
-    write_manifest(prefix, {"schema_version": SCHEMA_VERSION, "kind": "latents", "source": {"images_uri": images_uri},
-                            "splits": {}, "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
-                            "latent_shape": [4, 8, 8], "latent_dtype": "float32", "latent_scale": 1.0,
-                            "num_classes": 10, "flip_augment": False})
+    write_manifest(
+        prefix,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "latents",
+            "source": {"images_uri": images_uri},
+            "splits": {},
+            "tokenizer": {"kind": "synthetic", "uri": "", "sha256": ""},
+            "latent_shape": [4, 8, 8],
+            "latent_dtype": "float32",
+            "latent_scale": 1.0,
+            "num_classes": 10,
+            "flip_augment": False,
+        },
+    )
     return prefix
 
 
@@ -42,8 +53,9 @@ def test_reference_features_are_cached_next_to_the_manifest(latent_manifest, tmp
     shutil.copytree(shared_images, images_uri)
     prefix = _latents_naming(images_uri, str(tmp_path / "latents"))
     first = reference_features(prefix, "test", 12, config)
-    np.testing.assert_allclose(first, inception_features(read_image_split(images_uri, "test", 12, config)),
-                               rtol=1e-5, atol=1e-5)  # cached as float32
+    np.testing.assert_allclose(
+        first, inception_features(read_image_split(images_uri, "test", 12, config)), rtol=1e-5, atol=1e-5
+    )  # cached as float32
     assert [p.name for p in (tmp_path / "latents" / "reference").iterdir()] == ["inception-test-12.npz"]
     shutil.rmtree(images_uri)  # a second call must not need the images
     np.testing.assert_array_equal(reference_features(prefix, "test", 12, config), first)
@@ -67,8 +79,9 @@ def test_classifier_probabilities_of_real_images_are_cached_and_score_above_nois
 
     config, prefix, images_uri = latent_manifest
     real = reference_probabilities(prefix, "test", 12, config)
-    np.testing.assert_allclose(real, classifier_probabilities(read_image_split(images_uri, "test", 12, config)),
-                               rtol=1e-4, atol=1e-7)  # cached as float32
+    np.testing.assert_allclose(
+        real, classifier_probabilities(read_image_split(images_uri, "test", 12, config)), rtol=1e-4, atol=1e-7
+    )  # cached as float32
     np.testing.assert_allclose(real.sum(axis=1), 1.0, atol=1e-4)
     assert (__import__("pathlib").Path(prefix) / "reference" / "classifier-test-12.npz").exists()
     np.testing.assert_allclose(reference_probabilities(prefix, "test", 12, config), real)

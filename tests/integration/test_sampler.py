@@ -34,10 +34,12 @@ def test_row_seeds_are_distinct_and_stable():
 
 
 def test_samples_are_the_same_at_any_pool_or_batch_size(ray_cluster, checkpoint, tmp_path):
-    one = sample_to_storage(checkpoint, str(tmp_path / "one"), 10, shard_size=4, batch_size=4, actors=1,
-                            cpus_per_actor=0.5)
-    two = sample_to_storage(checkpoint, str(tmp_path / "two"), 10, shard_size=3, batch_size=2, actors=2,
-                            cpus_per_actor=0.5)
+    one = sample_to_storage(
+        checkpoint, str(tmp_path / "one"), 10, shard_size=4, batch_size=4, actors=1, cpus_per_actor=0.5
+    )
+    two = sample_to_storage(
+        checkpoint, str(tmp_path / "two"), 10, shard_size=3, batch_size=2, actors=2, cpus_per_actor=0.5
+    )
     assert one["num_images"] == two["num_images"] == 10
     a, b = read_samples(str(tmp_path / "one"), "latents"), read_samples(str(tmp_path / "two"), "latents")
     assert np.array_equal(a["index"], np.arange(10)) and np.array_equal(b["index"], np.arange(10))

@@ -23,8 +23,14 @@ def process_group(monkeypatch_module):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+    }.items():
         monkeypatch_module.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
@@ -38,9 +44,19 @@ def monkeypatch_module():
 
 
 def _config(*overrides):
-    return get_config("ecar-debug", ["train.num_workers=1", "train.global_batch_size=8", "train.micro_batch_size=4",
-                                     "train.steps=3", "train.log_every=1", "train.warmup_steps=0",
-                                     "model.class_dropout=0.0", *overrides])
+    return get_config(
+        "ecar-debug",
+        [
+            "train.num_workers=1",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            "train.steps=3",
+            "train.log_every=1",
+            "train.warmup_steps=0",
+            "model.class_dropout=0.0",
+            *overrides,
+        ],
+    )
 
 
 def _data(epoch):
@@ -91,8 +107,9 @@ GATHER_TOLERANCE = {"fp32": {"rtol": 1e-4, "atol": 1e-6}, "bf16": {"rtol": 1e-2,
 
 
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16"), (3, "fp32")])
-def test_sharded_checkpoint_round_trips_through_the_weights_only_loader(process_group, plain_torch_weights, tmp_path,
-                                                                        stage, precision):
+def test_sharded_checkpoint_round_trips_through_the_weights_only_loader(
+    process_group, plain_torch_weights, tmp_path, stage, precision
+):
     config = _config(f"train.zero_stage={stage}", f"train.precision={precision}")
     backend = _deepspeed(config)
     ema = EMA(backend.ema_sources(), 0.9)
@@ -110,8 +127,9 @@ def test_sharded_checkpoint_round_trips_through_the_weights_only_loader(process_
     gathered = fresh.gather({name: t.detach().float() for name, t in fresh.ema_sources()})
     assert gathered.keys() == plain_torch_weights.keys()
     for name, tensor in plain_torch_weights.items():
-        torch.testing.assert_close(gathered[name], tensor, **GATHER_TOLERANCE[precision],
-                                   msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            gathered[name], tensor, **GATHER_TOLERANCE[precision], msg=lambda message, name=name: f"{name}: {message}"
+        )
     # the optimizer state came back too: one more step from the loaded state is the step the
     # saved engine takes (fresh AdamW moments would take another one)
     one_more = _config(f"train.zero_stage={stage}", f"train.precision={precision}", "train.steps=4")
@@ -119,5 +137,10 @@ def test_sharded_checkpoint_round_trips_through_the_weights_only_loader(process_
         train(engine, one_more, _data, TrainState(step=3), EMA(engine.ema_sources(), 0.9))
     continued = dict(fresh.ema_sources())
     for name, tensor in backend.ema_sources():
-        torch.testing.assert_close(continued[name].detach(), tensor.detach(), rtol=0, atol=0,
-                                   msg=lambda message, name=name: f"{name}: {message}")
+        torch.testing.assert_close(
+            continued[name].detach(),
+            tensor.detach(),
+            rtol=0,
+            atol=0,
+            msg=lambda message, name=name: f"{name}: {message}",
+        )

@@ -40,14 +40,23 @@ def _train(capsys, *argv):
 
 
 def test_unknown_key(no_workers, capsys, s3_latents, tmp_path):
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path),
-                   "train.learning_rate=1e-3")
+    error = _train(
+        capsys,
+        "--preset",
+        "ecar-debug",
+        "--manifest",
+        s3_latents,
+        "--output",
+        str(tmp_path),
+        "train.learning_rate=1e-3",
+    )
     assert "unknown config key train.learning_rate" in error
 
 
 def test_latent_shape_that_does_not_fit_the_model(no_workers, capsys, s3_latents, tmp_path):
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path),
-                   "model.latent_channels=8")
+    error = _train(
+        capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path), "model.latent_channels=8"
+    )
     assert "model.latent_channels" in error and "[8, 8, 8]" in error and "[4, 8, 8]" in error
     assert s3_latents in error
 
@@ -60,13 +69,29 @@ def test_missing_manifest(no_workers, capsys, s3_latents, tmp_path):
 
 def test_unreachable_storage(no_workers, capsys, s3_latents):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", "s3://ecar-test/out",
-                   f"storage.endpoint_url={endpoint}")
+    error = _train(
+        capsys,
+        "--preset",
+        "ecar-debug",
+        "--manifest",
+        s3_latents,
+        "--output",
+        "s3://ecar-test/out",
+        f"storage.endpoint_url={endpoint}",
+    )
     assert "storage.root" in error and "cannot reach" in error and endpoint in error
 
 
 def test_unreachable_tracking_server(no_workers, capsys, s3_latents, tmp_path):
     server = f"http://127.0.0.1:{_closed_port()}"
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path),
-                   f"tracking.tracking_uri={server}")
+    error = _train(
+        capsys,
+        "--preset",
+        "ecar-debug",
+        "--manifest",
+        s3_latents,
+        "--output",
+        str(tmp_path),
+        f"tracking.tracking_uri={server}",
+    )
     assert "tracking.tracking_uri" in error and server in error

@@ -26,13 +26,19 @@ def learning_or_not(base):
 SWEEP = Sweep(name="learns", preset="ecar-debug", space=learning_or_not, description="test sweep")
 
 
-def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(ray_cluster, s3_latents, s3_prefix,
-                                                                    mlflow_server, tmp_path):
+def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(
+    ray_cluster, s3_latents, s3_prefix, mlflow_server, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
-    options = SweepOptions(name="learns-e2e", manifest_uri=s3_latents, smoke_test=True,
-                           overrides=(f"storage.root={s3_prefix}", "train.min_lr=0"),
-                           tracking_uri=mlflow_server, report_dir=str(tmp_path / "report"))
+    options = SweepOptions(
+        name="learns-e2e",
+        manifest_uri=s3_latents,
+        smoke_test=True,
+        overrides=(f"storage.root={s3_prefix}", "train.min_lr=0"),
+        tracking_uri=mlflow_server,
+        report_dir=str(tmp_path / "report"),
+    )
     result = run_sweep(SWEEP, options)
 
     by_lr = {trial["config"]["train.lr"]: trial for trial in result.trials}
@@ -47,8 +53,9 @@ def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(ray_cluster, 
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["ecar.sweep_run"] == "learns-e2e"
     assert parent.data.metrics["trials_killed"] == 1.0
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
     assert {c.data.params["train.lr"] for c in children} == {str(GOOD_LR), str(STALLED_LR)}
     statuses = {c.data.params["train.lr"]: (c.info.status, c.data.tags[STOPPED_EARLY_TAG]) for c in children}
     assert statuses == {str(GOOD_LR): ("FINISHED", "false"), str(STALLED_LR): ("KILLED", "true")}
@@ -71,11 +78,17 @@ def test_search_space_errors_stop_the_sweep_before_anything_starts(tmp_path):
     bad_key = Sweep(name="bad", preset="ecar-debug", space=lambda base: {"train.lrate": tune.grid_search([1e-3])})
     with pytest.raises(ConfigError, match="train.lrate"):
         run_sweep(bad_key, SweepOptions(overrides=(f"storage.root={tmp_path}",)))
-    bad_value = Sweep(name="bad", preset="ecar-debug", space=lambda base: {"train.zero_stage": tune.grid_search([2, 5])})
+    bad_value = Sweep(
+        name="bad", preset="ecar-debug", space=lambda base: {"train.zero_stage": tune.grid_search([2, 5])}
+    )
     with pytest.raises(ConfigError, match="train.zero_stage"):
         run_sweep(bad_value, SweepOptions(overrides=(f"storage.root={tmp_path}",)))
-    sampling = Sweep(name="bad", preset="ecar-debug", kind="sample",
-                     space=lambda base: {"sampling.cfg_scale": tune.grid_search([1.0, 2.0])})
+    sampling = Sweep(
+        name="bad",
+        preset="ecar-debug",
+        kind="sample",
+        space=lambda base: {"sampling.cfg_scale": tune.grid_search([1.0, 2.0])},
+    )
     with pytest.raises(ConfigError, match="--checkpoint"):
         run_sweep(sampling, SweepOptions())
     assert not (tmp_path / "tune").exists()
@@ -102,13 +115,21 @@ def decodable_checkpoint(tmp_path_factory):
     tokenizer_uri = str(root / "tokenizer")
     described = save_vae(KLVAE(vae_shape(config)), tokenizer_uri, config.data.image_size)
     latents = str(root / "latents")
-    write_manifest(latents, {"schema_version": SCHEMA_VERSION, "kind": "latents", "splits": {},
-                             "source": {"images_uri": images_uri},
-                             "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]},
-                             "latent_shape": [config.model.latent_channels, config.model.latent_size,
-                                              config.model.latent_size],
-                             "latent_dtype": "float32", "latent_scale": 1.0, "num_classes": config.model.num_classes,
-                             "flip_augment": False})
+    write_manifest(
+        latents,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "latents",
+            "splits": {},
+            "source": {"images_uri": images_uri},
+            "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]},
+            "latent_shape": [config.model.latent_channels, config.model.latent_size, config.model.latent_size],
+            "latent_dtype": "float32",
+            "latent_scale": 1.0,
+            "num_classes": config.model.num_classes,
+            "flip_augment": False,
+        },
+    )
     model = build_model(config)
     with torch.no_grad():  # off the zero-initialised outputs, so that the schedule matters
         for parameter in model.parameters():
@@ -121,12 +142,25 @@ def decodable_checkpoint(tmp_path_factory):
 def test_sampling_sweep_scores_each_schedule_of_one_checkpoint(ray_cluster, decodable_checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    sweep = Sweep(name="few-steps", preset="ecar-debug", kind="sample", metric="fid",
-                  space=lambda base: {"flow.steps_per_stage": tune.grid_search([[1, 1, 1], [3, 3, 3]])})
+    sweep = Sweep(
+        name="few-steps",
+        preset="ecar-debug",
+        kind="sample",
+        metric="fid",
+        space=lambda base: {"flow.steps_per_stage": tune.grid_search([[1, 1, 1], [3, 3, 3]])},
+    )
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_sweep(sweep, SweepOptions(name="few-steps-e2e", checkpoint_uri=decodable_checkpoint, fid_images=12,
-                                           overrides=(f"storage.root={tmp_path}",), tracking_uri=tracking,
-                                           report_dir=str(tmp_path / "report")))
+    result = run_sweep(
+        sweep,
+        SweepOptions(
+            name="few-steps-e2e",
+            checkpoint_uri=decodable_checkpoint,
+            fid_images=12,
+            overrides=(f"storage.root={tmp_path}",),
+            tracking_uri=tracking,
+            report_dir=str(tmp_path / "report"),
+        ),
+    )
     assert [t["status"] for t in result.trials] == ["FINISHED", "FINISHED"]
     by_steps = {json.dumps(t["config"]["flow.steps_per_stage"]): t for t in result.trials}
     # three times the flow steps, the same AR passes: more than 1x and less than 3x the FLOPs
@@ -135,8 +169,10 @@ def test_sampling_sweep_scores_each_schedule_of_one_checkpoint(ray_cluster, deco
     assert all(t["fake_images"] == 12 and t["fid"] > 0 for t in result.trials)
 
     client = MlflowClient(tracking)
-    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    children = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
     assert sorted(c.data.params["flow.steps_per_stage"] for c in children) == ["[1, 1, 1]", "[3, 3, 3]"]
     assert all(c.info.status == "FINISHED" and "fid" in c.data.metrics for c in children)
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "report")} >= {"report/report.md"}

@@ -16,8 +16,9 @@ def test_help_has_an_example_for_every_builtin_command():
 
 
 def test_user_errors_exit_2_with_one_line_and_no_traceback():
-    result = subprocess.run([sys.executable, "-m", "ecar.cli", "flops", "ecar-debug", "train.nope=1"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ecar.cli", "flops", "ecar-debug", "train.nope=1"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "unknown config key train.nope" in result.stderr
     assert "Traceback" not in result.stderr
@@ -73,8 +74,9 @@ def test_storage_join_refuses_parts_that_leave_the_root(part):
 def test_train_refuses_a_run_name_that_is_not_one_folder_before_anything_starts(name, tmp_path, capsys):
     from jobs.train import main
 
-    code = main(["--preset", "ecar-debug", "--manifest", str(tmp_path / "none"), "--output", str(tmp_path),
-                 "--name", name])
+    code = main(
+        ["--preset", "ecar-debug", "--manifest", str(tmp_path / "none"), "--output", str(tmp_path), "--name", name]
+    )
     assert code == 2
     assert "run name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written

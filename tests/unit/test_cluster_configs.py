@@ -15,17 +15,33 @@ pytestmark = pytest.mark.unit
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 REPO = CLUSTER.parent
 
-RESOURCES = {"type": "object", "properties": {"requests": {"type": "object"}, "limits": {"type": "object"}},
-             "additionalProperties": False}
+RESOURCES = {
+    "type": "object",
+    "properties": {"requests": {"type": "object"}, "limits": {"type": "object"}},
+    "additionalProperties": False,
+}
 CONTAINER = {
     "type": "object",
     "required": ["name", "image", "resources"],
-    "properties": {"name": {"type": "string"}, "image": {"type": "string"}, "resources": RESOURCES,
-                   "env": {"type": "array"}, "ports": {"type": "array"}},
+    "properties": {
+        "name": {"type": "string"},
+        "image": {"type": "string"},
+        "resources": RESOURCES,
+        "env": {"type": "array"},
+        "ports": {"type": "array"},
+    },
 }
-POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
-    "type": "object", "required": ["containers"],
-    "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}}}}
+POD_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}},
+        }
+    },
+}
 START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}
 CLUSTER_SPEC = {
     "type": "object",
@@ -33,28 +49,54 @@ CLUSTER_SPEC = {
     "properties": {
         "rayVersion": {"type": "string"},
         "enableInTreeAutoscaling": {"type": "boolean"},
-        "headGroupSpec": {"type": "object", "required": ["template"],
-                          "properties": {"rayStartParams": START_PARAMS, "template": POD_TEMPLATE}},
-        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
+        "headGroupSpec": {
             "type": "object",
-            "required": ["groupName", "template", "minReplicas", "maxReplicas"],
-            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
-                           "minReplicas": {"type": "integer", "minimum": 0},
-                           "maxReplicas": {"type": "integer", "minimum": 1},
-                           "rayStartParams": START_PARAMS, "template": POD_TEMPLATE}}},
+            "required": ["template"],
+            "properties": {"rayStartParams": START_PARAMS, "template": POD_TEMPLATE},
+        },
+        "workerGroupSpecs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["groupName", "template", "minReplicas", "maxReplicas"],
+                "properties": {
+                    "groupName": {"type": "string"},
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "minReplicas": {"type": "integer", "minimum": 0},
+                    "maxReplicas": {"type": "integer", "minimum": 1},
+                    "rayStartParams": START_PARAMS,
+                    "template": POD_TEMPLATE,
+                },
+            },
+        },
     },
 }
 # The subset of KubeRay's ray.io/v1 CRDs that the manifests use.
 SCHEMAS = {
-    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "spec": CLUSTER_SPEC}},
-    "RayJob": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-               "properties": {"apiVersion": {"const": "ray.io/v1"}, "spec": {
-                   "type": "object", "required": ["entrypoint", "rayClusterSpec"],
-                   "properties": {"entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
-                                  "shutdownAfterJobFinishes": {"type": "boolean"},
-                                  "ttlSecondsAfterFinished": {"type": "integer"},
-                                  "rayClusterSpec": CLUSTER_SPEC}}}},
+    "RayCluster": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {"const": "ray.io/v1"}, "spec": CLUSTER_SPEC},
+    },
+    "RayJob": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "spec": {
+                "type": "object",
+                "required": ["entrypoint", "rayClusterSpec"],
+                "properties": {
+                    "entrypoint": {"type": "string"},
+                    "runtimeEnvYAML": {"type": "string"},
+                    "shutdownAfterJobFinishes": {"type": "boolean"},
+                    "ttlSecondsAfterFinished": {"type": "integer"},
+                    "rayClusterSpec": CLUSTER_SPEC,
+                },
+            },
+        },
+    },
 }
 
 
@@ -96,18 +138,32 @@ def test_the_image_build_context_leaves_out_outputs_databases_and_history():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
     def ignored(path: str) -> bool:
         parts = path.split("/")
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        return any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatch(prefix, pattern)
-                   or fnmatch.fnmatch(parts[-1], pattern.removeprefix("**/"))
-                   for pattern in patterns for prefix in prefixes)
+        return any(
+            fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
+            or fnmatch.fnmatch(prefix, pattern)
+            or fnmatch.fnmatch(parts[-1], pattern.removeprefix("**/"))
+            for pattern in patterns
+            for prefix in prefixes
+        )
 
-    for path in ["outputs/headline/mlflow.db", "mlflow.db", ".git/config", "outputs/runs/a/export/model.safetensors",
-                 "ecar/__pycache__/x.pyc", ".aws/credentials", ".env"]:
+    for path in [
+        "outputs/headline/mlflow.db",
+        "mlflow.db",
+        ".git/config",
+        "outputs/runs/a/export/model.safetensors",
+        "ecar/__pycache__/x.pyc",
+        ".aws/credentials",
+        ".env",
+    ]:
         assert ignored(path), path
     for path in ["ecar/models/ecar.py", "pyproject.toml", "jobs/train.py", "cluster/Dockerfile"]:
         assert not ignored(path), path

@@ -16,8 +16,15 @@ def test_every_preset_round_trips_through_json_and_yaml(name, tmp_path):
 
 
 def test_dotted_overrides_parse_lists_numbers_and_booleans():
-    config = get_config("ecar-fmnist", ["flow.steps_per_stage=[8,8,8]", "train.lr=3e-4",
-                                        "stages.full_window=true", "model.condition_injection=additive"])
+    config = get_config(
+        "ecar-fmnist",
+        [
+            "flow.steps_per_stage=[8,8,8]",
+            "train.lr=3e-4",
+            "stages.full_window=true",
+            "model.condition_injection=additive",
+        ],
+    )
     assert config.flow.steps_per_stage == (8, 8, 8)
     assert config.train.lr == pytest.approx(3e-4)
     assert config.stages.full_window is True
@@ -82,17 +89,26 @@ def test_unknown_preset_lists_the_available_ones():
 
 
 def test_accumulation_steps_follow_global_batch():
-    config = get_config("ecar-fmnist", ["train.global_batch_size=512", "train.micro_batch_size=64",
-                                        "train.num_workers=2"])
+    config = get_config(
+        "ecar-fmnist", ["train.global_batch_size=512", "train.micro_batch_size=64", "train.num_workers=2"]
+    )
     assert gradient_accumulation_steps(config.train) == 4
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.lr=inf", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.grad_clip=nan", "train.grad_clip"),
-    ("sampling.cfg_scale=inf", "sampling.cfg_scale"), ("train.warmup_steps=-1", "train.warmup_steps"),
-    ("train.weight_decay=-0.1", "train.weight_decay"), ("train.betas=[1.5,2]", "train.betas"),
-    ("train.betas=[0.9,nan]", "train.betas[1]"), ("train.grad_clip=-1", "train.grad_clip"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=inf", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("train.grad_clip=nan", "train.grad_clip"),
+        ("sampling.cfg_scale=inf", "sampling.cfg_scale"),
+        ("train.warmup_steps=-1", "train.warmup_steps"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.betas=[1.5,2]", "train.betas"),
+        ("train.betas=[0.9,nan]", "train.betas[1]"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+    ],
+)
 def test_non_finite_and_out_of_range_training_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         get_config("ecar-debug", [override])

@@ -100,14 +100,22 @@ def test_a_latent_manifest_that_is_not_json_is_named(tmp_path):
         read_manifest(str(tmp_path))
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--labels", "a,b"], "--labels: 'a,b' is not"), (["--labels", "3,10"], "--labels: 10 is not a class"),
-    (["--num-images", "0"], "--num-images: 0"), (["--shard-size", "0"], "--shard-size"),
-    (["--actors", "0"], "--actors"), (["--cpus-per-actor", "0"], "--cpus-per-actor"),
-    (["sampling.cfg_scale=inf"], "sampling.cfg_scale"), (["model.width=8"], "model.width: only sampling"),
-])
-def test_sample_refuses_bad_arguments_before_ray_starts_and_writes_nothing(export, tmp_path, monkeypatch, capsys,
-                                                                            arguments, message):
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--labels", "a,b"], "--labels: 'a,b' is not"),
+        (["--labels", "3,10"], "--labels: 10 is not a class"),
+        (["--num-images", "0"], "--num-images: 0"),
+        (["--shard-size", "0"], "--shard-size"),
+        (["--actors", "0"], "--actors"),
+        (["--cpus-per-actor", "0"], "--cpus-per-actor"),
+        (["sampling.cfg_scale=inf"], "sampling.cfg_scale"),
+        (["model.width=8"], "model.width: only sampling"),
+    ],
+)
+def test_sample_refuses_bad_arguments_before_ray_starts_and_writes_nothing(
+    export, tmp_path, monkeypatch, capsys, arguments, message
+):
     import jobs.sample
 
     def no_ray(*args, **kwargs):

@@ -42,14 +42,19 @@ def test_flow_cost_grows_linearly_with_steps_and_the_ar_runs_once_per_stage():
     assert one.ar == two.ar == four.ar
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("ecar-debug", []),
-    # stage 0 unguided (linear ramp, before the interval), stage 1 mixed, stage 2 guided
-    ("ecar-debug", ["flow.steps_per_stage=[2,3,2]", "sampling.guidance_interval=[0.3,1.0]",
-                    "sampling.cfg_schedule=linear"]),
-    ("ecar-fmnist", ["flow.steps_per_stage=[3,2,1]", "sampling.guidance_interval=[0.3,1.0]"]),
-    ("dit-fmnist", ["flow.steps_per_stage=[7]", "sampling.guidance_interval=[0.3,1.0]"]),
-])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("ecar-debug", []),
+        # stage 0 unguided (linear ramp, before the interval), stage 1 mixed, stage 2 guided
+        (
+            "ecar-debug",
+            ["flow.steps_per_stage=[2,3,2]", "sampling.guidance_interval=[0.3,1.0]", "sampling.cfg_schedule=linear"],
+        ),
+        ("ecar-fmnist", ["flow.steps_per_stage=[3,2,1]", "sampling.guidance_interval=[0.3,1.0]"]),
+        ("dit-fmnist", ["flow.steps_per_stage=[7]", "sampling.guidance_interval=[0.3,1.0]"]),
+    ],
+)
 def test_counting_each_kind_of_step_once_equals_counting_every_step(preset, overrides):
     config = get_config(preset, overrides)
     model = _meta_model(config)

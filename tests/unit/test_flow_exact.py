@@ -54,8 +54,9 @@ def test_block_noise_at_correlation_zero_one_and_block_one():
     torch.testing.assert_close(flow.block_noise(shape, 2, 0.0, seeded(5), dtype=torch.float64), draw)
     assert torch.equal(flow.block_noise(shape, 1, 0.0, seeded(5), dtype=torch.float64), draw)
     tile_mean = torch.nn.functional.avg_pool2d(draw, 2)
-    torch.testing.assert_close(flow.block_noise(shape, 2, 1.0, seeded(5), dtype=torch.float64),
-                               flow.upsample(2 * tile_mean, 4))
+    torch.testing.assert_close(
+        flow.block_noise(shape, 2, 1.0, seeded(5), dtype=torch.float64), flow.upsample(2 * tile_mean, 4)
+    )
 
 
 def test_block_noise_with_positive_correlation():
@@ -100,8 +101,9 @@ def test_renoise_refuses_a_previous_end_outside_the_unit_interval(previous_end):
 def test_up_and_renoise_is_scaled_up_state_plus_the_seeded_block_noise():
     end_state = torch.randn(2, 3, 4, 4, generator=seeded(0), dtype=torch.float64)
     k, sigma, rho = flow.renoise_coefficients(1 / 3, 0.2, 2)
-    expected = k * flow.upsample(end_state, 8) + sigma * flow.block_noise((2, 3, 8, 8), 2, rho, seeded(9),
-                                                                         dtype=torch.float64)
+    expected = k * flow.upsample(end_state, 8) + sigma * flow.block_noise(
+        (2, 3, 8, 8), 2, rho, seeded(9), dtype=torch.float64
+    )
     out = flow.upsample_and_renoise(end_state, 8, 1 / 3, 0.2, seeded(9))
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -204,8 +206,11 @@ def test_loss_hands_the_flow_the_interpolant_its_time_and_the_straight_path_targ
     + (1 - a) n, end = b M_s + (1 - b) n; at tau the flow sees (1 - tau) start + tau end at
     t = a + tau (b - a); with zero velocity each stage's loss is mean((end - start)^2)."""
     torch.manual_seed(0)
-    model = build_model(get_config("ecar-debug", [f"model.ar_next_input={next_input}",
-                                                  "stages.loss_weights=[1,2,3]"])).double().eval()
+    model = (
+        build_model(get_config("ecar-debug", [f"model.ar_next_input={next_input}", "stages.loss_weights=[1,2,3]"]))
+        .double()
+        .eval()
+    )
     latents, labels = torch.randn(4, 4, 8, 8, generator=seeded(1), dtype=torch.float64), torch.tensor([0, 1, 2, 3])
     starts, _, _ = loss_inputs(model, latents, labels, 0.0)
     ends, ar_maps, _ = loss_inputs(model, latents, labels, 1.0)

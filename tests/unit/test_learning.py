@@ -65,7 +65,7 @@ def held_out_loss(model, latents, labels) -> float:
     with torch.no_grad():
         for index, start in enumerate(range(0, latents.shape[0], 64)):
             generator = torch.Generator().manual_seed(1000 + index)
-            total += float(model.loss(latents[start:start + 64], labels[start:start + 64], generator)["loss"])
+            total += float(model.loss(latents[start : start + 64], labels[start : start + 64], generator)["loss"])
     model.train()
     return total / (latents.shape[0] // 64)
 
@@ -77,7 +77,7 @@ def fit(model, config, latents, labels):
     def open_epoch(epoch):
         order = torch.randperm(latents.shape[0], generator=torch.Generator().manual_seed(epoch))
         for start in range(0, latents.shape[0] - BATCH + 1, BATCH):
-            yield latents[order[start:start + BATCH]], labels[order[start:start + BATCH]]
+            yield latents[order[start : start + BATCH]], labels[order[start : start + BATCH]]
 
     train(backend, config, open_epoch, TrainState(), ema)
 
@@ -85,8 +85,15 @@ def fit(model, config, latents, labels):
 @pytest.mark.parametrize("kind", ["ecar", "dit"])
 def test_training_on_real_latents_lowers_the_held_out_loss(real_latents, kind):
     latents, labels, held, held_labels = real_latents
-    overrides = ["train.num_workers=1", f"train.global_batch_size={BATCH}", f"train.micro_batch_size={BATCH}",
-                 "train.steps=60", "train.warmup_steps=5", "train.lr=2e-3", "train.log_every=60"]
+    overrides = [
+        "train.num_workers=1",
+        f"train.global_batch_size={BATCH}",
+        f"train.micro_batch_size={BATCH}",
+        "train.steps=60",
+        "train.warmup_steps=5",
+        "train.lr=2e-3",
+        "train.log_every=60",
+    ]
     if kind == "dit":
         overrides += ["model.kind=dit", "stages.grids=[8]", "flow.steps_per_stage=[4]", "model.flow_depth=3"]
     config = get_config("ecar-debug", overrides)
@@ -165,8 +172,9 @@ def test_logit_normal_time_sampling_shifts_the_training_times(mean):
     model = build_model(get_config("ecar-debug", ["flow.time_sampling=logit_normal", f"flow.logit_normal_mean={mean}"]))
     tau = model.sample_tau(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert tau.median().item() == pytest.approx(torch.sigmoid(torch.tensor(mean)).item(), abs=0.01)
-    uniform = build_model(get_config("ecar-debug")).sample_tau(20000, torch.device("cpu"),
-                                                                torch.Generator().manual_seed(0))
+    uniform = build_model(get_config("ecar-debug")).sample_tau(
+        20000, torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
     assert uniform.median().item() == pytest.approx(0.5, abs=0.01)
     if mean == 0.0:
         middle = ((tau > 0.25) & (tau < 0.75)).float().mean().item()

@@ -24,8 +24,9 @@ def test_kv_cache_sampling_equals_uncached_sampling(injection):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     cached = [r.end_state for r in model.iter_stages(labels(), generator=torch.Generator().manual_seed(3))]
-    uncached = [r.end_state for r in model.iter_stages(labels(), generator=torch.Generator().manual_seed(3),
-                                                        use_cache=False)]
+    uncached = [
+        r.end_state for r in model.iter_stages(labels(), generator=torch.Generator().manual_seed(3), use_cache=False)
+    ]
     assert len(cached) == len(uncached) == model.layout.num_stages
     for a, b in zip(cached, uncached):
         assert torch.allclose(a, b, atol=1e-5)
@@ -34,8 +35,12 @@ def test_kv_cache_sampling_equals_uncached_sampling(injection):
 @pytest.mark.parametrize("stages", [2, 3, 4, 5])
 def test_generate_is_deterministic_and_shaped_for_two_to_five_stages(stages):
     grids = [2 ** (6 - stages + i) for i in range(stages)]  # ending at 32
-    overrides = ["model.latent_size=32", "data.image_size=64", f"stages.grids={grids}",
-                 f"flow.steps_per_stage={[2] * stages}"]
+    overrides = [
+        "model.latent_size=32",
+        "data.image_size=64",
+        f"stages.grids={grids}",
+        f"flow.steps_per_stage={[2] * stages}",
+    ]
     model = tiny(overrides)
     first = model.generate(labels(), generator=torch.Generator().manual_seed(7))
     second = model.generate(labels(), generator=torch.Generator().manual_seed(7))

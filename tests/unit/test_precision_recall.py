@@ -8,8 +8,11 @@ pytestmark = pytest.mark.unit
 
 def gaussian_blobs(centres, per_blob, seed, spread=0.1, dim=8):
     generator = torch.Generator().manual_seed(seed)
-    points = [torch.tensor(c, dtype=torch.float64).expand(per_blob, dim) + spread * torch.randn(per_blob, dim, generator=generator, dtype=torch.float64)
-              for c in centres]
+    points = [
+        torch.tensor(c, dtype=torch.float64).expand(per_blob, dim)
+        + spread * torch.randn(per_blob, dim, generator=generator, dtype=torch.float64)
+        for c in centres
+    ]
     return torch.cat(points)
 
 

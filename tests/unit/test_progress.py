@@ -64,8 +64,15 @@ def test_a_slow_start_says_what_is_happening_until_the_first_count(monkeypatch, 
     phases = iter(["starting the workers", "starting the workers", "building the DeepSpeed engine"])
     steps = iter([None, None, None, (10, {"loss": 0.5}), (20, {"loss": 0.4})])
     with caplog.at_level(logging.INFO, logger="ecar.progress"):
-        with _polled(20, "train", "steps", lambda: next(steps, (20, {})), every_s=0.05,
-                     status=lambda: next(phases, "unused"), status_every_s=60):
+        with _polled(
+            20,
+            "train",
+            "steps",
+            lambda: next(steps, (20, {})),
+            every_s=0.05,
+            status=lambda: next(phases, "unused"),
+            status_every_s=60,
+        ):
             time.sleep(0.6)
     lines = [r.getMessage() for r in caplog.records]
     notes = [line for line in lines if "starting the workers" in line or "DeepSpeed" in line]

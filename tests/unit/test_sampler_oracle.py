@@ -108,8 +108,12 @@ def grids_for(stages: int, latent: int = 16) -> list[int]:
 
 
 def stage_overrides(stages: int, latent: int = 16, steps: int = 3) -> list[str]:
-    return [f"model.latent_size={latent}", f"data.image_size={2 * latent}", f"stages.grids={grids_for(stages, latent)}",
-            f"flow.steps_per_stage={[steps] * stages}"]
+    return [
+        f"model.latent_size={latent}",
+        f"data.image_size={2 * latent}",
+        f"stages.grids={grids_for(stages, latent)}",
+        f"flow.steps_per_stage={[steps] * stages}",
+    ]
 
 
 def point(seed: int, channels: int = 4, size: int = 16) -> torch.Tensor:
@@ -126,15 +130,16 @@ def run_stages(model, batch=3, cfg=1.0, use_cache=True, seed=5):
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_oracle_sampling_returns_the_data_point_and_exact_clean_maps(stages, correction, use_cache):
-    model = build(stage_overrides(stages) + [f"stages.renoise_correction={str(correction).lower()}",
-                                             "model.ar_next_input=clean_estimate"])
+    model = build(
+        stage_overrides(stages)
+        + [f"stages.renoise_correction={str(correction).lower()}", "model.ar_next_input=clean_estimate"]
+    )
     target = point(1)
     oracle = Oracle(model, target)
     results = run_stages(model, use_cache=use_cache)
     torch.testing.assert_close(results[-1].end_state, target.expand(3, -1, -1, -1), rtol=0, atol=1e-9)
     for result, grid in zip(results, model.layout.grids):
-        torch.testing.assert_close(result.clean, flow.downsample(target, grid).expand(3, -1, -1, -1),
-                                   rtol=0, atol=1e-9)
+        torch.testing.assert_close(result.clean, flow.downsample(target, grid).expand(3, -1, -1, -1), rtol=0, atol=1e-9)
     # the AR was given exactly the clean maps of the earlier stages
     for given, result in zip(model.ar.inputs, results):
         torch.testing.assert_close(given, result.clean, rtol=0, atol=0)
@@ -151,8 +156,9 @@ def test_oracle_sampling_full_window_variant_returns_the_data_point():
     Oracle(model, target)
     results = run_stages(model)
     for result, grid in zip(results, model.layout.grids):
-        torch.testing.assert_close(result.end_state, flow.downsample(target, grid).expand(3, -1, -1, -1),
-                                   rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            result.end_state, flow.downsample(target, grid).expand(3, -1, -1, -1), rtol=0, atol=1e-9
+        )
 
 
 def test_oracle_sampling_noisy_end_input_feeds_the_ar_the_end_state():
@@ -171,8 +177,9 @@ def test_oracle_flow_dit_returns_the_data_point(steps):
     target = point(4)
     oracle = Oracle(model, target)
     labels = torch.arange(3)
-    out = model.generate(labels, dataclasses.replace(model.config.sampling, cfg_scale=1.0),
-                         torch.Generator().manual_seed(0))
+    out = model.generate(
+        labels, dataclasses.replace(model.config.sampling, cfg_scale=1.0), torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(out, target.expand(3, -1, -1, -1), rtol=0, atol=1e-9)
     assert [float(t[0]) for _, _, t in oracle.calls] == pytest.approx([k / steps for k in range(steps)], abs=1e-12)
 
@@ -187,8 +194,7 @@ def test_oracle_cfg_follows_the_guided_combination_of_two_points(stages, scale):
     guided = unconditional + scale * (conditional - unconditional)
     torch.testing.assert_close(results[-1].end_state, guided.expand(2, -1, -1, -1), rtol=0, atol=1e-8)
     for result, grid in zip(results, model.layout.grids):
-        torch.testing.assert_close(result.clean, flow.downsample(guided, grid).expand(2, -1, -1, -1),
-                                   rtol=0, atol=1e-8)
+        torch.testing.assert_close(result.clean, flow.downsample(guided, grid).expand(2, -1, -1, -1), rtol=0, atol=1e-8)
     # under CFG the AR gets the clean map for the conditional and the unconditional rows alike
     for given, result in zip(model.ar.inputs, results):
         torch.testing.assert_close(given, torch.cat([result.clean, result.clean]), rtol=0, atol=0)
@@ -199,8 +205,11 @@ def test_oracle_cfg_flow_dit(scale):
     model = build(["flow.steps_per_stage=[7]"], preset="dit-fmnist")
     conditional, unconditional = point(12), point(13)
     Oracle(model, conditional, unconditional)
-    out = model.generate(torch.tensor([0, 5]), dataclasses.replace(model.config.sampling, cfg_scale=scale),
-                         torch.Generator().manual_seed(0))
+    out = model.generate(
+        torch.tensor([0, 5]),
+        dataclasses.replace(model.config.sampling, cfg_scale=scale),
+        torch.Generator().manual_seed(0),
+    )
     guided = unconditional + scale * (conditional - unconditional)
     torch.testing.assert_close(out, guided.expand(2, -1, -1, -1), rtol=0, atol=1e-8)
 
@@ -216,19 +225,24 @@ def test_oracle_guidance_interval_guides_only_inside_it():
     sampling = dataclasses.replace(model.config.sampling, cfg_scale=2.0, guidance_interval=(0.5, 1.0))
     results = list(model.iter_stages(labels, sampling, torch.Generator().manual_seed(0)))
     guided = unconditional + 2.0 * (conditional - unconditional)
-    torch.testing.assert_close(results[0].clean, flow.downsample(conditional, 4).expand(2, -1, -1, -1),
-                               rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        results[0].clean, flow.downsample(conditional, 4).expand(2, -1, -1, -1), rtol=0, atol=1e-8
+    )
     torch.testing.assert_close(results[-1].end_state, guided.expand(2, -1, -1, -1), rtol=0, atol=1e-8)
 
 
 # ----- the start distribution of every stage, through the real sampler -----------------------
-@pytest.mark.parametrize("grids,latent", [((4, 8, 16), 16), ((2, 8), 8), ((2, 4, 16), 16), ((4, 12), 12),
-                                          ((3, 9), 9)])
+@pytest.mark.parametrize("grids,latent", [((4, 8, 16), 16), ((2, 8), 8), ((2, 4, 16), 16), ((4, 12), 12), ((3, 9), 9)])
 def test_sampler_starts_every_stage_from_the_training_start_distribution(grids, latent):
     """Zero-signal oracle (F = 0): the state each stage s > 1 starts from must be i.i.d. noise of
     std 1 - a_s, as in training, also across up-sampling blocks of any factor."""
-    overrides = [f"model.latent_size={latent}", f"data.image_size={2 * latent}", f"stages.grids={list(grids)}",
-                 f"flow.steps_per_stage={[2] * len(grids)}", "model.patch_size=1"]
+    overrides = [
+        f"model.latent_size={latent}",
+        f"data.image_size={2 * latent}",
+        f"stages.grids={list(grids)}",
+        f"flow.steps_per_stage={[2] * len(grids)}",
+        "model.patch_size=1",
+    ]
     model = build(overrides)
     oracle = Oracle(model, torch.zeros(1, 4, latent, latent, dtype=torch.float64))
     batch = 2048 if latent <= 9 else 512
@@ -285,8 +299,11 @@ def test_noisy_end_training_pairs_ar_input_and_next_start_as_sampling_does():
     model.stage_velocity = record_start
     model.sample_tau = lambda n, device, generator: torch.zeros(n, dtype=torch.float64)
     model.train()
-    model.loss(torch.zeros(batch, channels, size, size, dtype=torch.float64), torch.zeros(batch, dtype=torch.long),
-               torch.Generator().manual_seed(0))
+    model.loss(
+        torch.zeros(batch, channels, size, size, dtype=torch.float64),
+        torch.zeros(batch, dtype=torch.long),
+        torch.Generator().manual_seed(0),
+    )
     training = [start_statistics(starts[s], recorder.maps[s - 1]) for s in (1, 2)]
     # sampling: the zero-signal oracle through the real stage iteration
     sampler = build(["model.ar_next_input=noisy_end", "flow.steps_per_stage=[2,2,2]"])

@@ -43,7 +43,9 @@ def test_unknown_keys_fail_before_anything_starts():
 def test_invalid_grid_values_and_sampled_values_name_the_key():
     base = get_config("ecar-debug")
     with pytest.raises(ConfigError, match="flow.steps_per_stage"):
-        validate_space(base, {"@schedule": tune.grid_search([{"stages.grids": [4, 8], "flow.steps_per_stage": [2, 2, 2]}])})
+        validate_space(
+            base, {"@schedule": tune.grid_search([{"stages.grids": [4, 8], "flow.steps_per_stage": [2, 2, 2]}])}
+        )
     with pytest.raises(ConfigError, match="model.class_dropout"):
         validate_space(base, {"model.class_dropout": tune.uniform(1.0, 2.0)})
 
@@ -59,8 +61,9 @@ def test_unknown_sweep_is_a_config_error():
 
 
 def test_sampling_sweeps_may_vary_only_sampling_keys():
-    sweep = Sweep(name="bad", preset="ecar-debug", kind="sample",
-                  space=lambda base: {"train.lr": tune.grid_search([1e-3, 1e-4])})
+    sweep = Sweep(
+        name="bad", preset="ecar-debug", kind="sample", space=lambda base: {"train.lr": tune.grid_search([1e-3, 1e-4])}
+    )
     with pytest.raises(ConfigError, match="train.lr: a sampling sweep may vary only"):
         resolve(sweep)
 

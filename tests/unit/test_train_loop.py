@@ -17,9 +17,17 @@ pytestmark = pytest.mark.unit
 
 
 def _config(*overrides):
-    return get_config("ecar-debug", ["train.num_workers=1", "train.global_batch_size=8",
-                                     "train.micro_batch_size=4", "train.steps=6", "train.log_every=2",
-                                     *overrides])
+    return get_config(
+        "ecar-debug",
+        [
+            "train.num_workers=1",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            "train.steps=6",
+            "train.log_every=2",
+            *overrides,
+        ],
+    )
 
 
 def _data(rows=24, seed=0):
@@ -31,7 +39,7 @@ def _data(rows=24, seed=0):
         # a different but reproducible order per epoch, like the Ray reader's seeded shuffle
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(100 + epoch))
         for start in range(0, rows - batch + 1, batch):
-            index = order[start:start + batch]
+            index = order[start : start + batch]
             yield latents[index], labels[index]
 
     return open_epoch
@@ -48,8 +56,14 @@ def _run(config, state=None, open_epoch=None, steps=None, model_seed=0, backend_
     if backend_state is not None:
         ema.load_state_dict(backend_state["ema"])
     logged = []
-    state = train(backend, config, open_epoch or _data(), state or TrainState(), ema,
-                  on_step=lambda s, due, m: logged.append((s.step, m)))
+    state = train(
+        backend,
+        config,
+        open_epoch or _data(),
+        state or TrainState(),
+        ema,
+        on_step=lambda s, due, m: logged.append((s.step, m)),
+    )
     return backend, ema, state, logged
 
 
@@ -79,8 +93,14 @@ def test_ema_follows_the_closed_form():
 
 
 def test_deepspeed_config_checks_the_batch_identity_and_maps_every_option():
-    config = _config("train.num_workers=2", "train.global_batch_size=32", "train.micro_batch_size=4",
-                     "train.zero_stage=3", "train.precision=bf16", "train.grad_clip=0.5")
+    config = _config(
+        "train.num_workers=2",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=4",
+        "train.zero_stage=3",
+        "train.precision=bf16",
+        "train.grad_clip=0.5",
+    )
     ds = deepspeed_config(config, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == ds["train_batch_size"] == 32
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
@@ -97,8 +117,16 @@ def test_loss_falls_and_metrics_are_logged_every_n_steps():
     metrics = [m for _, m in logged if m is not None]
     assert [s for s, m in logged if m is not None] == [10, 20, 30]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
-    assert {"loss", "loss_stage0", "loss_stage2", "grad_norm", "lr", "samples_per_s_per_worker",
-            "tokens_per_s_per_worker", "data_wait_fraction"} <= set(metrics[0])
+    assert {
+        "loss",
+        "loss_stage0",
+        "loss_stage2",
+        "grad_norm",
+        "lr",
+        "samples_per_s_per_worker",
+        "tokens_per_s_per_worker",
+        "data_wait_fraction",
+    } <= set(metrics[0])
     assert 0.0 <= metrics[0]["data_wait_fraction"] < 1.0
     assert state.step == 30 and state.epoch == 29  # 8 rows = one step of 2 micro-batches per epoch
     # the EMA lags the weights
@@ -112,8 +140,11 @@ def test_resume_from_a_saved_state_continues_exactly():
     # stop after 2 steps (mid-epoch), "checkpoint" and continue from a differently seeded model
     short = _config("train.steps=2")
     backend, ema, state, _ = _run(short)
-    saved = {"module": backend.module.state_dict(), "optimizer": backend.optimizer.state_dict(),
-             "ema": ema.state_dict()}
+    saved = {
+        "module": backend.module.state_dict(),
+        "optimizer": backend.optimizer.state_dict(),
+        "ema": ema.state_dict(),
+    }
     resumed = TrainState.from_dict(state.to_dict())
     assert (resumed.step, resumed.epoch, resumed.batches_in_epoch) == (2, 0, 4)
     backend2, ema2, state2, logged2 = _run(config, state=resumed, model_seed=123, backend_state=saved)
@@ -132,6 +163,7 @@ def _poisoned(open_epoch, bad_batch):
                 latents = latents.clone()
                 latents[0, 0, 0, 0] = float("nan")
             yield latents, labels
+
     return poisoned
 
 
@@ -179,9 +211,9 @@ def test_activation_checkpointing_keeps_loss_gradients_and_parameter_names():
 
 
 def test_validation_loss_is_fixed_for_fixed_weights_and_falls_with_training(tmp_path):
+    from ecar.train.monitors import Validator
     from ecar.train.preflight import prepare_source
     from ecar.train.synthetic import write_synthetic_latents
-    from ecar.train.monitors import Validator
 
     config = _config("train.steps=30", "train.lr=3e-3", "train.val_rows=32")
     latents = write_synthetic_latents(str(tmp_path / "latents"), rows=64, shards=2, test_rows=40)
@@ -204,8 +236,12 @@ def test_no_validation_split_turns_validation_off(tmp_path):
 
     latents = write_synthetic_latents(str(tmp_path / "latents"), rows=64, shards=2, test_rows=0)
     assert prepare_source(_config(), latents).val_rows == 0
-    assert prepare_source(_config("train.val_rows=0"), write_synthetic_latents(
-        str(tmp_path / "other"), rows=64, shards=2)).val_rows == 0
+    assert (
+        prepare_source(
+            _config("train.val_rows=0"), write_synthetic_latents(str(tmp_path / "other"), rows=64, shards=2)
+        ).val_rows
+        == 0
+    )
 
 
 def test_a_relative_manifest_path_still_reads_from_the_workers_folders(tmp_path, monkeypatch):

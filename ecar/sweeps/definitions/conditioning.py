@@ -13,5 +13,9 @@ def space(base: Config) -> dict:
     }
 
 
-SWEEP = Sweep(name="conditioning", preset="ecar-fmnist", space=space,
-              description="spatial adaLN / additive / cross-attention; clean-estimate vs noisy next input")
+SWEEP = Sweep(
+    name="conditioning",
+    preset="ecar-fmnist",
+    space=space,
+    description="spatial adaLN / additive / cross-attention; clean-estimate vs noisy next input",
+)

@@ -13,5 +13,11 @@ def space(base: Config) -> dict:
     }
 
 
-SWEEP = Sweep(name="guidance", preset="ecar-fmnist", space=space, metric="fid", kind="sample",
-              description="CFG scale and schedule (constant, or a ramp over the stages)")
+SWEEP = Sweep(
+    name="guidance",
+    preset="ecar-fmnist",
+    space=space,
+    metric="fid",
+    kind="sample",
+    description="CFG scale and schedule (constant, or a ramp over the stages)",
+)

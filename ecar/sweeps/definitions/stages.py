@@ -26,5 +26,11 @@ def space(base: Config) -> dict:
 
 # Ranked by FID (pass --fid-images): each stage count splits time into other windows, so the
 # held-out flow losses of two trials measure different things and early stopping is off.
-SWEEP = Sweep(name="stages", preset="ecar-fmnist", space=space, metric="fid", early_stopping=False,
-              description="stage counts 2-5 with halving grids at an equal Euler-step budget")
+SWEEP = Sweep(
+    name="stages",
+    preset="ecar-fmnist",
+    space=space,
+    metric="fid",
+    early_stopping=False,
+    description="stage counts 2-5 with halving grids at an equal Euler-step budget",
+)

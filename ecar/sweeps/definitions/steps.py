@@ -16,5 +16,11 @@ def space(base: Config) -> dict:
     return {"flow.steps_per_stage": tune.grid_search(schedules)}
 
 
-SWEEP = Sweep(name="steps", preset="ecar-fmnist", space=space, metric="fid", kind="sample",
-              description="Euler steps per stage at sampling time: quality against FLOPs per image")
+SWEEP = Sweep(
+    name="steps",
+    preset="ecar-fmnist",
+    space=space,
+    metric="fid",
+    kind="sample",
+    description="Euler steps per stage at sampling time: quality against FLOPs per image",
+)

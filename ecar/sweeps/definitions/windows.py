@@ -18,5 +18,11 @@ def space(base: Config) -> dict:
 
 
 # like stages: other window edges weight the loss over other times, so no early stopping; rank by FID
-SWEEP = Sweep(name="windows", preset="ecar-fmnist", space=space, metric="fid", early_stopping=False,
-              description="where the stage windows split, with and without the re-noise correction")
+SWEEP = Sweep(
+    name="windows",
+    preset="ecar-fmnist",
+    space=space,
+    metric="fid",
+    early_stopping=False,
+    description="where the stage windows split, with and without the re-noise correction",
+)
