@@ -8,6 +8,7 @@ uninterrupted reference of the resume test.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ import uuid
 import psutil
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 from ecar import storage
 from ecar.export import load_exported, read_metadata
@@ -58,6 +60,18 @@ def _run(mlflow_server, name):
     return client, runs[0]
 
 
+def _last_logged_step(mlflow_server, name) -> int:
+    """The highest step with a logged loss in run `name` (0 before its first)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("ecar-train-tests")
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`ecar.run_name` = '{name}'")
+    return max((m.step for run in runs for m in client.get_metric_history(run.info.run_id, "loss")), default=0)
+
+
 def _losses(client, run_id):
     """step -> every logged total loss at that step (a replayed step is logged twice)."""
     history: dict[int, list[float]] = {}
@@ -98,9 +112,15 @@ def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, m
     assert {"config.json", "loss_curve.png", "export_uri.txt"} <= top
     assert run.data.tags["export_uri"] == result.export_uri
 
-    # the exported EMA loads in one process, whatever the training world size was
+    # the exported EMA loads in one process, whatever the training world size was, and holds
+    # exactly the EMA of the last checkpoint
     exported = load_exported(result.export_uri)
     assert exported.step == 6 and exported.config.train.zero_stage == 2
+    ema = load_safetensors(storage.read_bytes(f"{result.run_uri}/checkpoint_00000006/ema.safetensors"))
+    weights = exported.model.state_dict()
+    assert ema.keys() == {name for name, _ in exported.model.named_parameters()}
+    for name, tensor in ema.items():
+        assert torch.equal(weights[name], tensor), name
     # the export names its training run, so a later evaluation logs into it
     assert read_metadata(result.export_uri)["mlflow_run_id"] == result.mlflow_run_id
     latents = exported.model.generate(torch.arange(2), generator=torch.Generator().manual_seed(0))
@@ -162,13 +182,18 @@ def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(
     run_uri = storage.join(config.storage.root, "runs", "killed")
     killed: list[int] = []
 
-    def kill_after_first_checkpoint():
-        # Ray registers a checkpoint in its snapshot after the upload: kill only then, so the
-        # restart has something to resume from.
+    def kill_past_a_checkpoint():
+        # Ray lists a checkpoint in its snapshot (the latest only) after the upload: kill only
+        # then, so the restart has something to resume from, and only once a logged step lies
+        # past it and 1-3 steps past a multiple of 5, so the next save is not under way and
+        # some steps run both before the kill and after the resume.
         snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
         deadline = time.monotonic() + 200
         while time.monotonic() < deadline:
-            if storage.exists(snapshot) and "checkpoint_00000005" in storage.read_text(snapshot):
+            listed = storage.read_text(snapshot) if storage.exists(snapshot) else ""
+            registered = [int(step) for step in re.findall(r"checkpoint_(\d{8})", listed)]
+            logged = _last_logged_step(mlflow_server, "killed") if registered else 0
+            if registered and logged > max(registered) and logged % 5 in (1, 2, 3):
                 workers = _train_workers()
                 if workers:
                     victim = workers[-1]
@@ -177,11 +202,11 @@ def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(
                     return
             time.sleep(0.1)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_past_a_checkpoint, daemon=True)
     killer.start()
     result = train_job(config, "killed")
     killer.join(timeout=5)
-    assert killed, "no worker was killed (the run finished before its first checkpoint was registered?)"
+    assert killed, "no worker was killed (the run finished before a checkpoint was registered?)"
     assert result.metrics["step"] == 20
     client, run = _run(mlflow_server, "killed")
     resumed_at = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_at_step")]
@@ -189,6 +214,7 @@ def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(
     # loss continuity: steps run before the kill and replayed after it give the same loss
     history = _losses(client, run.info.run_id)
     replayed = {step: values for step, values in history.items() if len(values) > 1}
+    assert replayed, f"no step was logged both before the kill and after the resume: {history}"
     for step, values in replayed.items():
         assert values[-1] == pytest.approx(values[0], rel=LOSS_RTOL), step
     assert sorted(history) == list(range(1, 21))
