@@ -40,11 +40,12 @@ WRAPPING_DECORATORS = {"property", "cached_property", "torch.no_grad()"}
 
 # mutant name -> why it cannot change what the code computes (mutmut 3.8.1 names, for the
 # source at the commit of the report)
-SQUARE = ("reads the height instead of the width: every latent, state and token map is square "
-          "(a grid is one side)")
-FRESH_NOISE = ("re-noises a full window's later stage (end b = 1, start a = 0) instead of drawing afresh: "
-               "k = 0, sigma = 1, rho = 0, i.e. the same generator draws as unit block noise (up to the "
-               "rounding of (x - tile mean) + tile mean)")
+SQUARE = "reads the height instead of the width: every latent, state and token map is square (a grid is one side)"
+FRESH_NOISE = (
+    "re-noises a full window's later stage (end b = 1, start a = 0) instead of drawing afresh: "
+    "k = 0, sigma = 1, rho = 0, i.e. the same generator draws as unit block noise (up to the "
+    "rounding of (x - tile mean) + tile mean)"
+)
 EQUIVALENT: dict[str, str] = {
     "ecar.flow.x_downsample__mutmut_2": SQUARE,
     "ecar.flow.x_upsample__mutmut_2": SQUARE,
@@ -55,38 +56,49 @@ EQUIVALENT: dict[str, str] = {
     "ecar.flow.x_stage_endpoints__mutmut_1": (
         "`and`: differs only for no previous map with a start above 0, which no caller passes (no map means "
         "the first stage or a full window, start 0); with a map and start 0 the general branch gives "
-        "0 * Up(P) + 1 * n = n exactly"),
+        "0 * Up(P) + 1 * n = n exactly"
+    ),
     "ecar.flow.x_stage_endpoints__mutmut_4": (
-        "`start == 1.0`: at start 0 the general branch gives 0 * Up(P) + 1 * n = n exactly; no stage starts at 1"),
+        "`start == 1.0`: at start 0 the general branch gives 0 * Up(P) + 1 * n = n exactly; no stage starts at 1"
+    ),
     "ecar.flow.x_block_noise__mutmut_15": "`cells > 2`: cells = block^2 is never 2",
     "ecar.flow.x_renoise_coefficients__mutmut_42": "`cells > 2`: cells = factor^2 is never 2",
     "ecar.flow.x_block_noise__mutmut_18": "`<=` at floor - 1e-9: only that one float, already outside the range",
     "ecar.flow.x_block_noise__mutmut_34": (
-        "takes the 1x1 shortcut never: the general path gives 0 * 0 + 1 * x = x for 1x1 tiles too"),
+        "takes the 1x1 shortcut never: the general path gives 0 * 0 + 1 * x = x for 1x1 tiles too"
+    ),
     "ecar.flow.x_renoise_coefficients__mutmut_27": (
-        "`<` at the 1e-12 cut-off: only an added variance of exactly 1e-12 (noise std 1e-6) changes"),
+        "`<` at the 1e-12 cut-off: only an added variance of exactly 1e-12 (noise std 1e-6) changes"
+    ),
     "ecar.flow.x_upsample_and_renoise__mutmut_18": (
         "`sigma == 1.0`: for sigma 0 it adds 0 * noise, the same value (it only spends random draws); sigma is 1 "
-        "only for a start a = 0, which no caller re-noises (such a stage draws fresh noise)"),
+        "only for a start a = 0, which no caller re-noises (such a stage draws fresh noise)"
+    ),
     "ecar.flow.x_sample_tau__mutmut_18": (
         "sigmoid(mean - std z) has the law of sigmoid(mean + std z) for a standard normal z: other but equally "
-        "distributed training times"),
+        "distributed training times"
+    ),
     "ecar.flow.x_clean_estimate__mutmut_3": (
-        "`or`: at start 0 the subtracted term is 0 * Up(P) = 0; a start above 0 always comes with a previous map"),
+        "`or`: at start 0 the subtracted term is 0 * Up(P) = 0; a start above 0 always comes with a previous map"
+    ),
     "ecar.flow.x_clean_estimate__mutmut_4": "`start >= 0`: at start 0 the subtracted term is 0 * Up(P) = 0",
     "ecar.euler.x_guided_velocity__mutmut_20": "slice(None, B) is slice(0, B)",
     "ecar.euler.x_guided_velocity__mutmut_22": "slice(B) is slice(0, B)",
     "ecar.euler.x_integrate__mutmut_2": (
-        "the initial velocity is returned only after zero Euler steps; the config requires at least one"),
+        "the initial velocity is returned only after zero Euler steps; the config requires at least one"
+    ),
     "ecar.layout.xǁStageLayoutǁstarts__mutmut_9": (
         "`/` for the grid ratio: the config requires each grid to be a whole multiple of the previous one, so "
-        "both give the same number"),
+        "both give the same number"
+    ),
     "ecar.models.ecar.xǁClassConditionalǁdrop_labels__mutmut_5": (
         "shortcut at probability 1 instead of 0: rand < 0 drops nothing (same labels, only spends random "
-        "draws), and the config keeps class_dropout below 1"),
+        "draws), and the config keeps class_dropout below 1"
+    ),
     "ecar.models.ecar.xǁClassConditionalǁdrop_labels__mutmut_13": "`<=`: only a uniform draw equal to p",
     "ecar.models.ecar.xǁClassConditionalǁweighted_total__mutmut_4": (
-        "default weights 2 instead of 1: equal weights give the mean either way"),
+        "default weights 2 instead of 1: equal weights give the mean either way"
+    ),
     "ecar.models.ecar.xǁECARǁstage_velocity__mutmut_4": "torch.full with an int fill value is already torch.long",
     "ecar.models.ecar.xǁECARǁstage_velocity__mutmut_8": "torch.full with an int fill value is already torch.long",
     "ecar.models.ecar.xǁECARǁloss__mutmut_24": "in training: " + FRESH_NOISE,
@@ -94,11 +106,13 @@ EQUIVALENT: dict[str, str] = {
     "ecar.models.ecar.xǁECARǁloss__mutmut_71": "at stage 0 the start is 0, so stage_endpoints ignores the map",
     "ecar.models.ecar.xǁECARǁiter_stages__mutmut_37": "also makes a KV cache for use_cache=False, never read",
     "ecar.models.ecar.xǁECARǁiter_stages__mutmut_39": (
-        "previous_up starts as '' instead of None: read only at stage 0, whose start 0 skips it"),
+        "previous_up starts as '' instead of None: read only at stage 0, whose start 0 skips it"
+    ),
     "ecar.models.ecar.xǁECARǁiter_stages__mutmut_67": "at sampling: " + FRESH_NOISE,
     "ecar.models.ecar.xǁECARǁiter_stages__mutmut_71": "at sampling: " + FRESH_NOISE,
     "ecar.models.ecar.xǁECARǁgenerate__mutmut_1": (
-        "the result starts as '' instead of None: a layout has at least one stage, so it is always replaced"),
+        "the result starts as '' instead of None: a layout has at least one stage, so it is always replaced"
+    ),
 }
 
 
@@ -139,13 +153,20 @@ def allow_wrapping_decorators() -> None:
 
 
 # Test files from the cheapest and most exact to the model-level ones.
-TEST_FILE_ORDER = ("test_flow_exact.py", "test_flow.py", "test_layout.py", "test_sampler_oracle.py",
-                   "test_learning.py", "test_models.py")
+TEST_FILE_ORDER = (
+    "test_flow_exact.py",
+    "test_flow.py",
+    "test_layout.py",
+    "test_sampler_oracle.py",
+    "test_learning.py",
+    "test_models.py",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:
     """A pytest hook (`-p benchmarks.mutation` in [tool.mutmut]): mutmut stops a mutant's tests at
     the first failure, so the cheap exact tests go first instead of in mutmut's set order."""
+
     def rank(item) -> int:
         name = item.path.name
         return TEST_FILE_ORDER.index(name) if name in TEST_FILE_ORDER else len(TEST_FILE_ORDER)
@@ -158,8 +179,7 @@ def run_mutmut(names: list[str], max_children: int | None) -> None:
 
     allow_wrapping_decorators()
     try:
-        cli(["run", *names, *(["--max-children", str(max_children)] if max_children else [])],
-            standalone_mode=False)
+        cli(["run", *names, *(["--max-children", str(max_children)] if max_children else [])], standalone_mode=False)
     except SystemExit as stop:  # mutmut exits non-zero when its clean run or setup check fails
         if stop.code:
             raise
@@ -203,8 +223,11 @@ def report(as_before: bool) -> dict[str, Any]:
 
     rows = verdicts()
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    before = ({**score(rows), "not_killed": [r["mutant"] for r in rows if r["status"] != "killed"]}
-              if as_before else previous.get("before"))
+    before = (
+        {**score(rows), "not_killed": [r["mutant"] for r in rows if r["status"] != "killed"]}
+        if as_before
+        else previous.get("before")
+    )
     survivors = []
     for row in rows:
         name = row["mutant"]
@@ -216,14 +239,20 @@ def report(as_before: bool) -> dict[str, Any]:
             verdict = f"equivalent: {EQUIVALENT[name]}"
         else:
             verdict = "unexplained"
-        survivors.append({"mutant": name, "file": row["file"], "diff": row["diff"], "result": row["status"],
-                          "status": verdict})
+        survivors.append(
+            {"mutant": name, "file": row["file"], "diff": row["diff"], "result": row["status"], "status": verdict}
+        )
         if name in KILLED_BY:
             row["status"] = "killed"
     result = {
-        "tool": "mutmut", "version": version("mutmut"), "date": date.today().isoformat(),
-        "files": list(config().only_mutate), "tests": list(config().pytest_add_cli_args_test_selection),
-        **score(rows), "before": before, "survivors": survivors,
+        "tool": "mutmut",
+        "version": version("mutmut"),
+        "date": date.today().isoformat(),
+        "files": list(config().only_mutate),
+        "tests": list(config().pytest_add_cli_args_test_selection),
+        **score(rows),
+        "before": before,
+        "survivors": survivors,
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -28,9 +28,11 @@ class HeadNode:
 
 
 @pytest.fixture(scope="module")
-def head_node(tmp_path_factory):
+def head_node(tmp_path_factory, s3_server):
     """A fresh head node on loopback (its dashboard address and auth headers), torn down when
-    the module's tests are done."""
+    the module's tests are done. Fails the tests that use it, naming the cause, when the head
+    does not start or its job API does not answer; they never run against a half-started one.
+    It waits for `s3_server` so that the head's processes see the S3 endpoint."""
     dashboard = free_port()
     # a short private temp dir: every process of this cluster names it, so teardown can stop
     # exactly them (`ray stop` would also stop any other Ray on the machine)
@@ -39,23 +41,45 @@ def head_node(tmp_path_factory):
     token = tmp_path_factory.mktemp("ray") / "auth_token"
     token.write_text(uuid.uuid4().hex)
     env["RAY_AUTH_TOKEN_PATH"] = str(token)
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                   env=env, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
     # the client sends this cluster's token itself: Ray reads RAY_AUTH_MODE once per process,
     # so setting it here would be ignored after any earlier test of the session started Ray
     headers = {"Authorization": f"Bearer {token.read_text()}"}
     try:
+        started = subprocess.run(
+            [
+                "ray",
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={free_port()}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                "--num-cpus=2",
+                "--include-dashboard=true",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if started.returncode:
+            raise RuntimeError(
+                f"`ray start --head` exited with {started.returncode}:\n{(started.stdout + started.stderr)[-3000:]}"
+            )
         from ray.job_submission import JobSubmissionClient
 
         for _ in range(60):  # the dashboard's job API comes up a little after `ray start` returns
             try:
                 JobSubmissionClient(address, headers=headers).list_jobs()
                 break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception as error:  # noqa: BLE001 - not up yet
+                last_error = error
                 time.sleep(1)
+        else:
+            raise RuntimeError(f"the head's job API at {address} did not answer within 60 s: {last_error!r}")
         yield HeadNode(address, headers)
     finally:
         subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)

@@ -26,13 +26,25 @@ pytestmark = [pytest.mark.integration]
 
 # Same model, data and schedule for every run; constant LR after a 2-step warm-up so that a
 # run cut short (train.steps=3) and then extended follows the same schedule as a full one.
-BASE = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.global_batch_size=16",
-        "train.micro_batch_size=8", "train.steps=6", "train.lr_schedule=constant", "train.warmup_steps=2",
-        "train.lr=2e-3", "train.log_every=1", "train.sample_every=3", "train.checkpoint_every=3",
-        "train.num_to_keep=1", "data.shuffle_buffer_rows=32", "tracking.experiment_name=ecar-train-tests",
-        # one retry from the latest checkpoint: an overloaded shared machine has crashed Ray
-        # workers (SIGABRT inside Ray's core) that had nothing to do with the code under test
-        "train.max_failures=1"]
+BASE = [
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=8",
+    "train.steps=6",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=2",
+    "train.lr=2e-3",
+    "train.log_every=1",
+    "train.sample_every=3",
+    "train.checkpoint_every=3",
+    "train.num_to_keep=1",
+    "data.shuffle_buffer_rows=32",
+    "tracking.experiment_name=ecar-train-tests",
+    # one retry from the latest checkpoint: an overloaded shared machine has crashed Ray
+    # workers (SIGABRT inside Ray's core) that had nothing to do with the code under test
+    "train.max_failures=1",
+]
 # Replayed steps must give the same loss: same data order, noise seeds, weights and optimizer
 # state. Reductions run in the same order, so the only slack needed is float32 round-off.
 LOSS_RTOL = 1e-4
@@ -44,8 +56,9 @@ def output_root(s3_latents):
 
 
 def _config(s3_latents, output_root, mlflow_server, *extra):
-    return resolve_config("ecar-debug", [*BASE, f"tracking.tracking_uri={mlflow_server}", *extra],
-                          manifest=s3_latents, output=output_root)
+    return resolve_config(
+        "ecar-debug", [*BASE, f"tracking.tracking_uri={mlflow_server}", *extra], manifest=s3_latents, output=output_root
+    )
 
 
 def _run(mlflow_server, name):
@@ -53,8 +66,9 @@ def _run(mlflow_server, name):
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
-    runs = mlflow.search_runs(experiment_names=["ecar-train-tests"],
-                              filter_string=f"tags.`ecar.run_name` = '{name}'", output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["ecar-train-tests"], filter_string=f"tags.`ecar.run_name` = '{name}'", output_format="list"
+    )
     client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_server)
     assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
     return client, runs[0]
@@ -102,8 +116,17 @@ def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, m
     client, run = _run(mlflow_server, "zero2")
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["preset"] == "ecar-debug"
     assert run.data.tags["manifest_uri"] == config.data.manifest_uri and run.data.tags["git_commit"]
-    for key in ("loss", "loss_stage0", "loss_stage1", "loss_stage2", "grad_norm", "lr",
-                "samples_per_s_per_worker", "tokens_per_s_per_worker", "data_wait_fraction"):
+    for key in (
+        "loss",
+        "loss_stage0",
+        "loss_stage1",
+        "loss_stage2",
+        "grad_norm",
+        "lr",
+        "samples_per_s_per_worker",
+        "tokens_per_s_per_worker",
+        "data_wait_fraction",
+    ):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
@@ -146,9 +169,9 @@ def test_zero3_trains_and_exports_gathered_ema(ray_cluster, s3_latents, output_r
 
 @pytest.mark.timeout(300)
 def test_relaunch_with_the_same_name_resumes_and_matches_the_uninterrupted_run(
-        ray_cluster, s3_latents, output_root, mlflow_server, zero2_run):
-    first = train_job(_config(s3_latents, output_root, mlflow_server, "train.zero_stage=2", "train.steps=3"),
-                      "resumed")
+    ray_cluster, s3_latents, output_root, mlflow_server, zero2_run
+):
+    first = train_job(_config(s3_latents, output_root, mlflow_server, "train.zero_stage=2", "train.steps=3"), "resumed")
     assert first.metrics["step"] == 3
     second = train_job(_config(s3_latents, output_root, mlflow_server, "train.zero_stage=2"), "resumed")
     assert second.metrics["step"] == 6 and second.mlflow_run_id == first.mlflow_run_id
@@ -176,9 +199,18 @@ def _train_workers() -> list[psutil.Process]:
 
 @pytest.mark.timeout(360)
 def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(
-        ray_cluster, s3_latents, output_root, mlflow_server):
-    config = _config(s3_latents, output_root, mlflow_server, "train.zero_stage=2", "train.steps=20",
-                     "train.checkpoint_every=5", "train.sample_every=100", "train.max_failures=2")
+    ray_cluster, s3_latents, output_root, mlflow_server
+):
+    config = _config(
+        s3_latents,
+        output_root,
+        mlflow_server,
+        "train.zero_stage=2",
+        "train.steps=20",
+        "train.checkpoint_every=5",
+        "train.sample_every=100",
+        "train.max_failures=2",
+    )
     run_uri = storage.join(config.storage.root, "runs", "killed")
     killed: list[int] = []
 
@@ -218,5 +250,7 @@ def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(
     for step, values in replayed.items():
         assert values[-1] == pytest.approx(values[0], rel=LOSS_RTOL), step
     assert sorted(history) == list(range(1, 21))
-    print(f"killed pid {killed[0]}; resumed at step {int(resumed_at[0])}; {len(replayed)} replayed steps "
-          f"matched within rel {LOSS_RTOL}")
+    print(
+        f"killed pid {killed[0]}; resumed at step {int(resumed_at[0])}; {len(replayed)} replayed steps "
+        f"matched within rel {LOSS_RTOL}"
+    )
