@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from datetime import date
@@ -208,22 +209,25 @@ def verdicts() -> list[dict[str, Any]]:
         for name, exit_code in sorted(data.exit_code_by_key.items()):
             status = status_by_exit_code[exit_code]
             row = {"mutant": name, "file": str(path), "status": status}
-            if status != "killed":
+            if status not in ("killed", "not checked"):
                 row["diff"] = get_diff_for_mutant(name, path=path)
             rows.append(row)
     return rows
 
 
 def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts by verdict; the score over all mutants, and over those checked (an interrupted run)."""
     counts = {status: sum(r["status"] == status for r in rows) for status in {r["status"] for r in rows}}
-    killed = counts.get("killed", 0)
+    killed, checked = counts.get("killed", 0), len(rows) - counts.get("not checked", 0)
     return {
         "total": len(rows),
         "killed": killed,
         "survived": counts.get("survived", 0),
         "timeout": counts.get("timeout", 0),
-        "other": {k: v for k, v in counts.items() if k not in ("killed", "survived", "timeout")},
+        "not_checked": counts.get("not checked", 0),
+        "other": {k: v for k, v in counts.items() if k not in ("killed", "survived", "timeout", "not checked")},
         "score": round(killed / len(rows), 4) if rows else None,
+        "score_of_checked": round(killed / checked, 4) if checked else None,
     }
 
 
@@ -235,14 +239,14 @@ def report(as_before: bool) -> dict[str, Any]:
     rows = verdicts()
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     before = (
-        {**score(rows), "not_killed": [r["mutant"] for r in rows if r["status"] != "killed"]}
+        {**score(rows), "not_killed": [r["mutant"] for r in rows if r["status"] not in ("killed", "not checked")]}
         if as_before
         else previous.get("before")
     )
     survivors = []
     for row in rows:
         name = row["mutant"]
-        if row["status"] == "killed":
+        if row["status"] in ("killed", "not checked"):
             continue
         if name in KILLED_BY:
             verdict = f"killed by new test {KILLED_BY[name]}"
@@ -264,6 +268,9 @@ def report(as_before: bool) -> dict[str, Any]:
         **score(rows),
         "before": before,
         "survivors": survivors,
+        "not_checked_functions": sorted(
+            {re.sub(r"__mutmut_\d+$", "", r["mutant"]) for r in rows if r["status"] == "not checked"}
+        ),
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result
