@@ -192,13 +192,70 @@ def claim_output(
     write_text_atomic(uri, json.dumps(identity, indent=2), storage)
 
 
+PROBE_TIMEOUT_S = 5  # an unreachable endpoint must fail in seconds, not after boto's retries
+
+
+class StorageAccessError(ValueError):
+    """A location a job needs cannot be reached, read or written; names the key and URI."""
+
+
+def check_access(uri: str, key: str, write: bool = False, storage: StorageConfig | None = None) -> None:
+    """Before a job takes any cluster resource: an s3:// bucket answers (one attempt, a short
+    timeout, instead of boto's retries and a long traceback), and with `write` the location
+    accepts and deletes a small probe object. `key` names the setting or flag in the error."""
+    if is_remote(uri):
+        _probe_bucket(uri, key, storage)
+    if write:
+        from botocore.exceptions import BotoCoreError
+
+        probe = join(uri, f".ecar-write-probe-{uuid.uuid4().hex}")
+        try:
+            write_bytes_atomic(probe, b"probe", storage)
+            delete(probe, storage)
+        except (OSError, ValueError, BotoCoreError) as error:
+            raise StorageAccessError(f"{key}: cannot write under {uri}: {error}") from None
+
+
+def _probe_bucket(uri: str, key: str, storage: StorageConfig | None) -> None:
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = urlparse(uri).netloc
+    endpoint = endpoint_url(storage) or None
+    # a fresh session: boto3's default one keeps the credentials it found first in this process
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region(storage) or None,
+        config=BotoConfig(
+            connect_timeout=PROBE_TIMEOUT_S,
+            read_timeout=PROBE_TIMEOUT_S,
+            retries={"max_attempts": 1, "mode": "standard"},
+        ),
+    )
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "?")
+        raise StorageAccessError(f"{key}: bucket {bucket!r} of {uri} is not accessible (S3 error {code})") from None
+    except BotoCoreError as error:
+        where = endpoint or "the default AWS endpoint"
+        raise StorageAccessError(f"{key}: cannot reach storage for {uri} at {where}: {error}") from None
+
+
 def ray_storage(uri: str, storage: StorageConfig | None = None) -> tuple[str, pafs.FileSystem | None]:
-    """(storage_path, storage_filesystem) for a Ray Train or Tune RunConfig at `uri`: a local
-    folder (created, absolute), or object storage through s3fs behind pyarrow (native=False):
-    Ray first writes an empty marker file, which pyarrow's own S3 client sends as a multipart
-    upload that moto and some S3 servers reject."""
+    """(storage_path, storage_filesystem) for a Ray Train or Tune RunConfig at `uri`:
+    - a local folder: created, absolute;
+    - s3:// on AWS (no endpoint override): the URI itself, for Ray's native S3 filesystem
+      (pyarrow's C++ client, with its multipart uploads and retries);
+    - s3:// on an S3-compatible store (an endpoint is set): s3fs behind pyarrow (native=False).
+      Ray first writes an empty marker file, which pyarrow's client sends as a multipart upload
+      that moto and some S3-compatible servers reject."""
     if not is_remote(uri):
         Path(uri).mkdir(parents=True, exist_ok=True)
         return str(Path(uri).resolve()), None
+    if not endpoint_url(storage):
+        return uri, None
     filesystem, path = arrow_fs(uri, storage, native=False)
     return path, filesystem

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ecar import storage
 from ecar.config import Config
 from ecar.runtime import init_ray
 from jobs._common import base_parser, log_to_mlflow, run
@@ -26,6 +27,8 @@ def work(args: argparse.Namespace, config: Config) -> str:
     output = args.output or config.data.manifest_uri.removesuffix("/manifest.json")
     if not images or not output:
         raise ValueError("give --images URI (or data.images_uri) and --output URI (or data.manifest_uri)")
+    storage.check_access(images, "--images", storage=config.storage)
+    storage.check_access(output, "--output", write=True, storage=config.storage)
     read_images_manifest(images, config)  # fail before Ray starts
     load_tokenizer(config)
     init_ray(args.address)

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from ecar import storage
 from ecar.config import USER_ERRORS
 from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
 from ecar.export import read_config, read_metadata
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     batches = tuple(int(b) for b in args.latency_batches.split(",") if b)
     try:
+        storage.check_access(args.samples, "--samples")
         metrics = evaluate_samples(args.samples, args.manifest, args.split, args.reference_images, batches)
         if not args.no_mlflow:
             config = read_config(metrics["checkpoint_uri"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ecar import storage
 from ecar.config import Config
 from ecar.data.prepare import prepare_images
 from jobs._common import base_parser, run
@@ -20,6 +21,9 @@ def work(args: argparse.Namespace, config: Config) -> str:
     output = args.output or config.data.images_uri
     if not output:
         raise ValueError("give --output URI or data.images_uri=URI")
+    if storage.is_remote(config.data.source_uri):
+        storage.check_access(config.data.source_uri, "data.source_uri", storage=config.storage)
+    storage.check_access(output, "--output", write=True, storage=config.storage)
     manifest = prepare_images(config, output, limit_per_split=args.limit)
     parts = ", ".join(
         f"{split}: {info['rows']} images ({info['quarantined']} quarantined)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ecar import storage
 from ecar.config import USER_ERRORS
 from ecar.export import read_config, verify_weights
 from ecar.runtime import init_ray
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = parse_labels(args.labels)
         # every user error before Ray starts: the config (and its hash), the overrides, the
         # arguments, the weights' hash
+        storage.check_access(args.checkpoint, "--checkpoint")
+        storage.check_access(args.output, "--output", write=True)
         config = sampling_config(read_config(args.checkpoint), args.overrides)
         check_arguments(
             config, args.num_images, labels, args.shard_size, args.batch_size, args.actors, args.cpus_per_actor

@@ -15,6 +15,7 @@ import time
 
 from ecar.config import USER_ERRORS, Config
 from ecar.log import get_logger
+from ecar.train.loop import NonFiniteLossError
 
 log = get_logger("ecar.jobs.train")
 
@@ -28,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="storage root for runs, local or s3:// (default: storage.root)")
     parser.add_argument("--name", help="run name; the same name resumes (default: PRESET-TIMESTAMP)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume run NAME although its model, optimizer or data settings (or its data set) changed",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
     return parser
 
@@ -46,23 +52,37 @@ def resolve_config(preset: str, overrides: list[str], manifest: str | None, outp
     return config.override(extra) if extra else config
 
 
-def train_job(config: Config, name: str, address: str | None = None, tracking_uri: str | None = None):
-    """Check everything, then connect to Ray and fit; returns `ecar.train.trainer.FitResult`."""
+def train_job(
+    config: Config,
+    name: str,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    allow_changes: bool = False,
+):
+    """Check everything, then connect to Ray and fit; returns `ecar.train.trainer.FitResult`.
+    A run NAME that has checkpoints resumes, under the settings it was trained with unless
+    `allow_changes` (the changes are then logged and tagged on its MLflow run)."""
+    from ecar import storage
     from ecar.data.reader import latent_dataset
     from ecar.runtime import init_ray
     from ecar.tracking import resolve_tracking_uri
-    from ecar.train.preflight import preflight
-    from ecar.train.trainer import fit
+    from ecar.train.preflight import check_cluster, check_resume, preflight
+    from ecar.train.trainer import fit, run_uri
 
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ValueError(f"run name {name!r}: must be one folder name (no '/', not '.' or '..'), e.g. fmnist-a")
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     source = preflight(config, config.data.manifest_uri, tracking_uri)  # before any worker exists
+    changes = check_resume(config, run_uri(storage.with_absolute_root(config), name), source, allow_changes)
+    for change in changes:
+        log.warning("run %s resumes with a changed %s", name, change)
     init_ray(address)
+    check_cluster(config)
     dataset = latent_dataset(
         source.manifest, "train", config.storage, seed=config.train.seed, validate=False
     )  # preflight read the manifest and checked the footers
-    return fit(config, source, dataset, name, tracking_uri)
+    tags = {"ecar.resume_changes": "; ".join(changes)} if changes else None
+    return fit(config, source, dataset, name, tracking_uri, tags=tags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve_config(args.preset, args.overrides, args.manifest, args.output)
         name = args.name or f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = train_job(config, name, args.address)
+        result = train_job(config, name, args.address, allow_changes=args.allow_changes)
     except USER_ERRORS as error:
         print(f"ecar train: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:  # stopped, not retried: see ecar.train.trainer.STOPPED_KEY
+        print(f"ecar train: {error}", file=sys.stderr)
+        return 1
     print(
         f"run {result.name}: {result.metrics.get('step', '?')} steps; checkpoint {result.checkpoint_uri}; "
         f"exported EMA {result.export_uri}; MLflow run {result.mlflow_run_id}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ecar import storage
 from ecar.config import Config
 from ecar.runtime import init_ray
 from jobs._common import base_parser, log_to_mlflow, run
@@ -17,12 +18,15 @@ from jobs._common import base_parser, log_to_mlflow, run
 
 def work(args: argparse.Namespace, config: Config) -> str:
     from ecar.data.prepare import read_images_manifest
-    from ecar.train.tokenizer import train_tokenizer
+    from ecar.train.tokenizer import check_output_free, train_tokenizer
 
     images = args.images or config.data.images_uri
     output = args.output or config.tokenizer.checkpoint_uri
     if not images or not output:
         raise ValueError("give --images URI (or data.images_uri) and --output URI (or tokenizer.checkpoint_uri)")
+    storage.check_access(images, "--images", storage=config.storage)
+    storage.check_access(output, "--output", write=True, storage=config.storage)
+    check_output_free(output, config.storage)
     read_images_manifest(images, config)  # fail before Ray starts
     init_ray(args.address)
     description = train_tokenizer(config, images, output, eval_split=args.eval_split)

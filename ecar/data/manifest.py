@@ -22,6 +22,7 @@ latent_flip (same type). Quarantine: `PREFIX/quarantine/SPLIT/shard-NNNNN.parque
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -91,6 +92,13 @@ def _check_keys(manifest: dict[str, Any], location: str) -> None:
             for key in ("name", "rows"):
                 if key not in shard:
                     raise ValueError(f"{location}: split {split!r}, shard {index} has no {key!r}")
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """A hash of what the manifest says (shards, rows, scale, tokenizer), not of where it lies:
+    the same data set moved to another prefix keeps its hash."""
+    content = {key: value for key, value in manifest.items() if key != "prefix"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def shard_uris(manifest: dict[str, Any], split: str) -> list[str]:

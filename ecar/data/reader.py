@@ -95,7 +95,7 @@ def validate_latents(
 
 def _validate_values(file: str, manifest: dict[str, Any], storage_config: StorageConfig | None) -> None:
     dim = int(np.prod(manifest["latent_shape"]))
-    table = read_table(file, storage_config)
+    table = read_table(file, storage_config)  # a corrupt or truncated page: ShardError naming the file
     for column in _latent_columns(manifest):
         flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         finite = np.isfinite(flat.reshape(-1, dim)).all(axis=1)

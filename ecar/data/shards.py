@@ -7,6 +7,8 @@ exists is complete: re-runs skip it, and a killed job leaves either the whole sh
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -36,15 +38,32 @@ def write_table(
     storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes(), storage_config)
 
 
+class ShardError(ValueError):
+    """A shard that exists but is not readable Parquet (truncated, corrupt); names the file."""
+
+
+@contextmanager
+def _naming(uri: str) -> Iterator[None]:
+    """Arrow's errors about a broken file do not say which file; a missing one stays missing."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as error:
+        raise ShardError(f"{uri}: not a readable Parquet shard (truncated or corrupt?): {error}") from None
+
+
 def read_table(uri: str, storage_config: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
     fs, path = storage.arrow_fs(uri, storage_config)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    with _naming(uri):
+        return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def read_footer(uri: str, storage_config: StorageConfig | None = None) -> tuple[int, dict[str, Any], pa.Schema]:
     """(row count, ecar footer metadata, schema) from the footer alone: no data pages are read."""
     fs, path = storage.arrow_fs(uri, storage_config)
-    parquet = pq.ParquetFile(path, filesystem=fs)
+    with _naming(uri):
+        parquet = pq.ParquetFile(path, filesystem=fs)
     schema = parquet.schema_arrow
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return parquet.metadata.num_rows, (json.loads(raw) if raw else {}), schema

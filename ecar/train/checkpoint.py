@@ -5,7 +5,7 @@ One checkpoint folder (Ray merges every rank's files into it):
     ema.safetensors            EMA weights, whole (ZeRO 0-2; rank 0)
     ema-rank00003.safetensors  EMA partitions, one per rank (ZeRO-3)
     train_state.json           step, data position, skip counter, world size, ZeRO stage,
-                               manifest URI, MLflow run id (rank 0)
+                               manifest URI and content hash, MLflow run id (rank 0)
     config.json                the full Config (rank 0)
 
 Our own files are safetensors and JSON: nothing in them executes on load.
@@ -40,6 +40,7 @@ class RunInfo:
     zero_stage: int
     manifest_uri: str
     mlflow_run_id: str
+    manifest_sha256: str = ""  # "" in checkpoints written before it was recorded
 
 
 def save_local(
@@ -66,7 +67,7 @@ def read_state(directory: Path) -> tuple[TrainState, RunInfo]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {directory} has no {STATE_FILE}")
     record = json.loads(path.read_text())
-    info = RunInfo(**{key: record[key] for key in RunInfo.__dataclass_fields__})
+    info = RunInfo(**{key: record[key] for key in RunInfo.__dataclass_fields__ if key in record})
     return TrainState.from_dict(record), info
 
 

@@ -5,10 +5,9 @@ Each failure is a `PreflightError` (a ValueError) whose message names the key, U
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
-import uuid
-from urllib.parse import urlparse
 
 from ecar import storage
 from ecar.config import Config
@@ -17,52 +16,19 @@ from ecar.train.trainer import ManifestSummary
 
 log = get_logger(__name__)
 
-PROBE_TIMEOUT_S = 5  # an unreachable endpoint must fail in seconds, not after boto's retries
+PROBE_TIMEOUT_S = storage.PROBE_TIMEOUT_S
 
 
 class PreflightError(ValueError):
     """The run cannot start; the message names what is wrong and where."""
 
 
-def _s3_client_probe(uri: str, config: Config, key: str) -> None:
-    """Reach the bucket of an s3:// URI with a short timeout and a single attempt."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket = urlparse(uri).netloc
-    endpoint = storage.endpoint_url(config.storage) or None
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=storage.region(config.storage) or None,
-        config=BotoConfig(
-            connect_timeout=PROBE_TIMEOUT_S,
-            read_timeout=PROBE_TIMEOUT_S,
-            retries={"max_attempts": 1, "mode": "standard"},
-        ),
-    )
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "?")
-        raise PreflightError(f"{key}: bucket {bucket!r} of {uri} is not accessible (S3 error {code})") from None
-    except BotoCoreError as error:
-        where = endpoint or "the default AWS endpoint"
-        raise PreflightError(f"{key}: cannot reach storage for {uri} at {where}: {error}") from None
-
-
 def check_storage(uri: str, config: Config, key: str, write: bool) -> None:
-    """The location answers, and (write=True) accepts and deletes a small probe object."""
-    if storage.is_remote(uri):
-        _s3_client_probe(uri, config, key)
-    probe = storage.join(uri, f".ecar-write-probe-{uuid.uuid4().hex}")
-    if write:
-        try:
-            storage.write_bytes_atomic(probe, b"probe", config.storage)
-            storage.delete(probe, config.storage)
-        except (OSError, ValueError) as error:
-            raise PreflightError(f"{key}: cannot write under {uri}: {error}") from None
+    """`storage.check_access`, failing as a PreflightError."""
+    try:
+        storage.check_access(uri, key, write, config.storage)
+    except storage.StorageAccessError as error:
+        raise PreflightError(str(error)) from None
 
 
 def check_tracking(tracking_uri: str) -> None:
@@ -82,8 +48,9 @@ def check_tracking(tracking_uri: str) -> None:
 def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> ManifestSummary:
     """Read and check the latent manifest against the config; the shard footers are checked
     too (cheap: no data pages), so a broken data set fails here, not inside a worker."""
-    from ecar.data.manifest import read_manifest
-    from ecar.data.reader import validate_latents
+    from ecar.data.manifest import content_sha256, read_manifest
+    from ecar.data.reader import LatentValidationError, validate_latents
+    from ecar.data.shards import ShardError
 
     if not manifest_uri:
         raise PreflightError("data.manifest_uri: empty; pass --manifest URI (the output of `ecar encode`)")
@@ -118,8 +85,16 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
             f"train.micro_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one "
             f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers"
         )
-    validate_latents(manifest, [split], config.storage, values=False)
     val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
+    # Values too (data.verify_values): a NaN latent, a label outside [0, num_classes) (one equal
+    # to num_classes would train silently as the null class) or an unreadable page fails here,
+    # naming the file and row, instead of inside a worker after the cluster has started.
+    try:
+        validate_latents(
+            manifest, [split, *([val_split] if val_split else [])], config.storage, values=config.data.verify_values
+        )
+    except (LatentValidationError, ShardError) as error:
+        raise PreflightError(f"data.manifest_uri: {error}") from None
     return ManifestSummary(
         manifest_uri=storage.absolute(manifest_uri),  # recorded in the export, read from anywhere
         latent_shape=tuple(manifest["latent_shape"]),
@@ -129,6 +104,7 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
         val_split=val_split,
         val_rows=val_rows,
         manifest=manifest,
+        manifest_sha256=content_sha256(manifest),
     )
 
 
@@ -143,6 +119,109 @@ def _validation_rows(config: Config, manifest: dict, manifest_uri: str) -> tuple
         return "", 0
     rows = min(wanted, int(manifest["splits"][split]["rows"])) // workers * workers
     return (split, rows) if rows else ("", 0)
+
+
+# What a resumed run may change freely: how it is operated, stored, tracked, previewed, and how
+# long it runs. Everything else the checkpoint's weights were trained under (model, stages,
+# flow, optimizer, batch, seed, data order) must match, or `--allow-changes` must say so.
+OPERATIONAL_PREFIXES = ("storage.", "tracking.", "sampling.", "tokenizer.")
+OPERATIONAL_KEYS = {
+    "preset",
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.val_rows",
+    "train.num_to_keep",
+    "train.max_failures",
+    "train.wait_for_resources",
+    "train.cpus_per_worker",
+    "train.torch_threads",
+    "train.num_workers",  # DeepSpeed's shards decide whether it may change (checked in the workers)
+    "train.use_gpu",
+}
+TRAINING_DATA_KEYS = {"data.shuffle_buffer_rows", "data.val_split"}  # the rest of data.* is prepare/encode's
+
+
+def _matters(key: str) -> bool:
+    if key.startswith("data."):
+        return key in TRAINING_DATA_KEYS
+    return key not in OPERATIONAL_KEYS and not key.startswith(OPERATIONAL_PREFIXES)
+
+
+def latest_checkpoint(run_uri: str, config: Config) -> str | None:
+    """The checkpoint Ray Train resumes run `run_uri` from (its snapshot's latest), or None."""
+    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot, config.storage):
+        return None
+    latest = json.loads(storage.read_text(snapshot, config.storage)).get("latest_checkpoint_result")
+    return storage.join(run_uri, latest["checkpoint_dir_name"]) if latest else None
+
+
+def check_resume(config: Config, run_uri: str, source: ManifestSummary, allow_changes: bool = False) -> list[str]:
+    """If run `run_uri` has a checkpoint, the changes ("key: old -> new") between the config and
+    data set it was trained under and this launch's. A change that matters for the training
+    (see OPERATIONAL_KEYS) is refused unless `allow_changes`; the list is what the caller logs."""
+    from ecar.train import checkpoint as ckpt
+
+    checkpoint = latest_checkpoint(run_uri, config)
+    if checkpoint is None:
+        return []
+    try:
+        saved = Config.from_text(storage.read_text(storage.join(checkpoint, ckpt.CONFIG_FILE), config.storage))
+        state = json.loads(storage.read_text(storage.join(checkpoint, ckpt.STATE_FILE), config.storage))
+    except (FileNotFoundError, ValueError) as error:
+        raise PreflightError(f"--name: the run's latest checkpoint {checkpoint} cannot be read: {error}") from None
+    old, new = saved.flat(), storage.with_absolute_root(config).flat()
+    changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)]
+    refused = [change for change in changes if _matters(change.split(":", 1)[0])]
+    recorded = state.get("manifest_sha256", "")
+    if recorded and recorded != source.manifest_sha256:
+        refused.append(
+            f"data set: {state.get('manifest_uri')} (sha256 {recorded[:12]}) -> {source.manifest_uri} "
+            f"(sha256 {source.manifest_sha256[:12]})"
+        )
+        changes.append(refused[-1])
+    if refused and not allow_changes:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise PreflightError(
+            f"--name: resuming {checkpoint} with a changed {refused[0]}{more}; use the checkpoint's settings, "
+            "a new --name, or --allow-changes to resume under the new ones"
+        )
+    return changes
+
+
+def check_cluster(config: Config) -> None:
+    """Refuse a request the connected cluster cannot meet as it is (unless
+    train.wait_for_resources): Ray would wait for it without a word. The training workers must
+    fit on the nodes (each worker on one node), and leave at least one CPU for Ray Data's read
+    tasks, which take one CPU each and are kept off the workers' share."""
+    import ray
+
+    train = config.train
+    if train.wait_for_resources:
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+    asked = train.num_workers * train.cpus_per_worker
+    request = f"{train.num_workers} worker(s) x {train.cpus_per_worker:g} CPU{' + 1 GPU' if train.use_gpu else ''}"
+    hint = "ask for less, or set train.wait_for_resources=true on a cluster that autoscales"
+    if total - asked < 1:
+        raise PreflightError(
+            f"train.num_workers/train.cpus_per_worker: {request} take {asked:g} of the cluster's {total:g} CPUs and "
+            f"leave {max(total - asked, 0):g}, but the data reads need 1; {hint}"
+        )
+    placeable = 0
+    for node in nodes:
+        fits = int(node.get("CPU", 0.0) // train.cpus_per_worker)
+        if train.use_gpu:
+            fits = min(fits, int(node.get("GPU", 0.0)))
+        placeable += fits
+    if placeable < train.num_workers:
+        raise PreflightError(
+            f"train.num_workers: the cluster's {len(nodes)} node(s) fit {placeable} of the {request}; {hint}"
+        )
 
 
 def preflight(config: Config, manifest_uri: str, tracking_uri: str) -> ManifestSummary:

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecar import storage
-from ecar.config import Config, ConfigError
+from ecar.config import Config, ConfigError, StorageConfig
 from ecar.data.prepare import decode_pngs, image_shard_uris, read_image_split, read_images_manifest
 from ecar.log import get_logger
 from ecar.progress import worker_progress
-from ecar.tokenizer.vae import KLVAE, load_vae, reconstruct, save_vae, vae_shape
+from ecar.tokenizer.vae import DESCRIPTION_NAME, KLVAE, load_vae, reconstruct, save_vae, vae_shape
 from ecar.train.schedule import cosine_lr
 
 log = get_logger(__name__)
@@ -219,13 +219,27 @@ def evaluate_tokenizer(model: nn.Module, images_BCHW: torch.Tensor, fid_images: 
 
 
 # ----- the job ------------------------------------------------------------------------------
+def check_output_free(output_uri: str, storage_config: StorageConfig | None = None) -> None:
+    """A finished tokenizer is never overwritten: the latents encoded with it record its hash,
+    and would stop matching their decoder (samples, previews and FID all decode through it)."""
+    description = storage.join(output_uri, DESCRIPTION_NAME)
+    if storage.exists(description, storage_config):
+        sha256 = json.loads(storage.read_text(description, storage_config)).get("weights_sha256", "?")
+        raise ValueError(
+            f"{output_uri} already holds a trained tokenizer (weights sha256 {sha256[:12]}), which latents may have "
+            "been encoded with; train into a new output, or delete it first"
+        )
+
+
 def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split: str = "test") -> dict[str, Any]:
     """Train on the `train` split of the prepared image shards, evaluate on `eval_split`, write
-    the tokenizer to `output_uri`; returns its description (with `metrics`). Needs Ray running."""
+    the tokenizer to `output_uri` (refused if one is there); returns its description (with
+    `metrics`). Needs Ray running."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_output_free(output_uri, config.storage)
     if config.tokenizer.kind != "kl_vae":
         raise ConfigError("tokenizer.kind: only kl_vae tokenizers are trained here (a diffusers VAE is loaded as is)")
     manifest = read_images_manifest(images_uri, config)

@@ -77,6 +77,8 @@ def open_run(
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for key, value in (tags or {}).items():  # e.g. what a resume changed (params stay as first logged)
+            client.set_tag(run_id, key, value)
         return run_id, True
     tags = {
         RUN_NAME_TAG: name,

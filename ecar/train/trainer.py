@@ -24,6 +24,9 @@ from ecar.log import get_logger
 log = get_logger(__name__)
 
 DATASET_NAME = "train"
+# A worker's last report carries this key when it ended the run on purpose (a non-finite loss);
+# the driver turns it back into the error instead of a finished run.
+STOPPED_KEY = "stopped"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ManifestSummary:
     val_split: str = ""  # held-out split for the validation loss ("": none)
     val_rows: int = 0  # how many of its rows (an equal share per worker)
     manifest: dict[str, Any] = dataclasses.field(default_factory=dict)  # as read: nobody reads it again
+    manifest_sha256: str = ""  # `ecar.data.manifest.content_sha256`: saved with checkpoints, checked on resume
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ManifestSummary:
@@ -66,7 +70,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     from ecar.models import build_model
     from ecar.train.ema import EMA
     from ecar.train.engine import DeepSpeedBackend
-    from ecar.train.loop import train
+    from ecar.train.loop import NonFiniteLossError, train
     from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
@@ -106,7 +110,14 @@ def train_worker(arguments: dict[str, Any]) -> None:
             yield batch["latent"].reshape(-1, *data.latent_shape), batch["label"]
 
     events.memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
-    train(backend, config, open_epoch, state, ema, events)
+    try:
+        train(backend, config, open_epoch, state, ema, events)
+    except NonFiniteLossError as error:
+        # Every rank raises it at the same step (the check is a collective). Raised on, it would
+        # count as a worker failure, and Ray Train would replay the same batches with the same
+        # seeds from the same checkpoint into the same NaN, max_failures times (forever at -1).
+        events.stop(state, str(error))
+        return
     events.finish(state)
 
 
@@ -138,6 +149,7 @@ class RunEvents:
             zero_stage=config.train.zero_stage,
             manifest_uri=data.manifest_uri,
             mlflow_run_id=self.mlflow_run_id,
+            manifest_sha256=data.manifest_sha256,
         )
         self.memory = PeakMemory()
         self.preview = Preview(config, data, rank) if rank == 0 else None
@@ -200,6 +212,13 @@ class RunEvents:
         elif due.evaluate:
             ray.train.report(report)  # a barrier too: every rank reports at the same steps
         self.memory.reset()
+
+    def stop(self, state: Any, reason: str) -> None:
+        """End the run without an export, telling the driver why (see `STOPPED_KEY`)."""
+        import ray.train
+
+        self.tracker.log_text(f"{reason}\n", "stopped.txt")
+        ray.train.report({"step": state.step, STOPPED_KEY: reason})
 
     def finish(self, state: Any) -> None:
         """Peak memory to MLflow, then the consolidated EMA weights exported by rank 0."""
@@ -323,6 +342,12 @@ def fit(
     except BaseException:
         finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
         raise
+    stopped = (result.metrics or {}).get(STOPPED_KEY)
+    if stopped:
+        from ecar.train.loop import NonFiniteLossError
+
+        finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
+        raise NonFiniteLossError(stopped)
     uri = export_uri(config, name)
     finish_run(tracking_uri, mlflow_run_id, uri)
     return FitResult(

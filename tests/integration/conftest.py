@@ -35,3 +35,39 @@ def _bucket_uri(s3_server: str) -> str:
 
     buckets = boto3.client("s3", endpoint_url=s3_server).list_buckets()["Buckets"]
     return f"s3://{sorted(b['Name'] for b in buckets)[0]}"
+
+
+@pytest.fixture(scope="session")
+def tampered_latents(tmp_path_factory) -> dict[str, str]:
+    """Local copies of the synthetic latent set, each with one defect in train shard 1 that the
+    footers cannot show: {"nan": a NaN latent at row 5, "label": label 10 (= num_classes) at
+    row 3, "corrupt": a data page overwritten with garbage}. Returns defect -> prefix."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ecar.data.manifest import latent_shard_uri
+    from ecar.data.shards import read_table, shard_name, write_table
+    from ecar.train.synthetic import write_synthetic_latents
+
+    prefixes = {}
+    for defect in ("nan", "label", "corrupt"):
+        prefix = write_synthetic_latents(str(tmp_path_factory.mktemp(f"latents-{defect}")))
+        shard = latent_shard_uri(prefix, "train", shard_name(1))
+        if defect == "corrupt":
+            data = bytearray(open(shard, "rb").read())
+            data[100:400] = bytes(300)  # inside the first column chunk; the footer at the end stays intact
+            open(shard, "wb").write(bytes(data))
+        else:
+            table = read_table(shard)
+            if defect == "nan":
+                values = np.array(table.column("latent").combine_chunks().flatten(), dtype=np.float32)
+                values[5 * 256 + 17] = np.nan  # row 5 of 256-value latents (4 x 8 x 8)
+                column = pa.FixedSizeListArray.from_arrays(pa.array(values), 256)
+                table = table.set_column(table.schema.get_field_index("latent"), "latent", column)
+            else:
+                labels = table.column("label").to_numpy().copy()
+                labels[3] = 10
+                table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+            write_table(shard, table)
+        prefixes[defect] = prefix
+    return prefixes

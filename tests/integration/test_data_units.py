@@ -351,3 +351,40 @@ def test_jobs_print_one_line_and_return_2_for_user_errors(job, capsys, tmp_path)
             == 2
         )
         assert "run `ecar prepare` first" in capsys.readouterr().err
+
+
+def test_train_tokenizer_never_overwrites_a_finished_tokenizer(capsys, tmp_path):
+    """Latents record their tokenizer's hash: retraining into the same output would leave every
+    manifest pointing at weights that no longer made it."""
+    from ecar.tokenizer.vae import KLVAE, save_vae, vae_shape
+    from jobs.train_tokenizer import main
+
+    config = get_config("ecar-debug")
+    output = tmp_path / "tokenizer"
+    description = save_vae(KLVAE(vae_shape(config)), str(output), config.data.image_size)
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+    assert main(["--preset", "ecar-debug", "--images", str(tmp_path / "images"), "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{output} already holds a trained tokenizer" in error
+    assert description["weights_sha256"][:12] in error
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+
+
+def test_ray_storage_is_rays_native_s3_on_aws_and_s3fs_behind_an_endpoint(monkeypatch, tmp_path):
+    import pyarrow.fs as pafs
+
+    from ecar.config import StorageConfig
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    path, filesystem = storage.ray_storage("s3://bucket/out/runs", StorageConfig())
+    # no filesystem given: Ray resolves the URI itself, to pyarrow's own S3 client
+    assert (path, filesystem) == ("s3://bucket/out/runs", None)
+
+    path, filesystem = storage.ray_storage("s3://bucket/out/runs", StorageConfig(endpoint_url="http://127.0.0.1:9"))
+    assert path == "bucket/out/runs" and isinstance(filesystem, pafs.PyFileSystem)
+    assert type(filesystem.handler.fs).__name__ == "S3FileSystem" and filesystem.handler.fs.__module__.startswith(
+        "s3fs"
+    )
+
+    local, filesystem = storage.ray_storage(str(tmp_path / "runs"))
+    assert filesystem is None and local == str((tmp_path / "runs").resolve()) and (tmp_path / "runs").is_dir()

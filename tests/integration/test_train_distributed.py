@@ -185,6 +185,53 @@ def test_relaunch_with_the_same_name_resumes_and_matches_the_uninterrupted_run(
         assert resumed[step][-1] == pytest.approx(reference[step][-1], rel=LOSS_RTOL), step
 
 
+@pytest.mark.timeout(420)
+def test_a_resume_with_changed_settings_or_data_is_refused_unless_allowed(
+    ray_cluster, s3_latents, output_root, mlflow_server, capsys
+):
+    from ecar.train.synthetic import write_synthetic_latents
+    from jobs.train import main
+
+    base = _config(s3_latents, output_root, mlflow_server, "train.zero_stage=2", "train.steps=2")
+    first = train_job(base, "changed")
+    argv = ["--preset", "ecar-debug", "--output", output_root, "--name", "changed", *BASE]
+    argv += ["train.zero_stage=2", f"tracking.tracking_uri={mlflow_server}", "train.steps=3"]
+    # train.steps may change (the run goes on), the learning rate may not
+    assert main([*argv, "--manifest", s3_latents, "train.lr=1e-3"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "train.lr: 0.002 -> 0.001" in error and "--allow-changes" in error
+    # the same shapes, other values: only the manifest's content hash tells them apart
+    other = write_synthetic_latents(f"{s3_latents.rsplit('/', 1)[0]}/other-latents", seed=1)
+    assert main([*argv, "--manifest", other]) == 2
+    error = capsys.readouterr().err
+    assert "data set:" in error and other in error
+    assert storage.list_files(storage.join(first.run_uri, "checkpoint_00000003")) == []  # nothing ran
+
+    changed = base.override({"train.lr": 1e-3, "train.steps": 3})
+    result = train_job(changed, "changed", allow_changes=True)
+    assert result.metrics["step"] == 3 and result.mlflow_run_id == first.mlflow_run_id
+    _, run = _run(mlflow_server, "changed")
+    assert "train.lr: 0.002 -> 0.001" in run.data.tags["ecar.resume_changes"]
+    assert run.data.params["train.lr"] == "0.002"  # params are what the run started with
+
+
+@pytest.mark.timeout(300)
+def test_a_nonfinite_loss_stops_the_run_instead_of_replaying_it(ray_cluster, tampered_latents, mlflow_server, tmp_path):
+    from ecar.train.loop import NonFiniteLossError
+
+    overrides = [*BASE, f"tracking.tracking_uri={mlflow_server}", "train.zero_stage=2", "train.steps=20"]
+    # one epoch is 16 steps, so the NaN latent is met; restarts allowed, and none may happen
+    overrides += ["train.max_failures=3", "train.checkpoint_every=1", "data.verify_values=false"]
+    config = resolve_config("ecar-debug", overrides, manifest=tampered_latents["nan"], output=str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):
+        train_job(config, "nonfinite")
+    client, run = _run(mlflow_server, "nonfinite")
+    assert run.info.status == "FAILED"
+    assert "resumed_at_step" not in run.data.metrics  # the group was not restarted into the same NaN
+    assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "stopped.txt"] == ["stopped.txt"]
+    assert not storage.exists(storage.join(str(tmp_path), "runs", "nonfinite", "export", "export.json"))
+
+
 def _train_workers() -> list[psutil.Process]:
     """This test session's Ray Train worker processes (descendants of this process)."""
     found = []

@@ -95,3 +95,40 @@ def test_unreachable_tracking_server(no_workers, capsys, s3_latents, tmp_path):
         f"tracking.tracking_uri={server}",
     )
     assert "tracking.tracking_uri" in error and server in error
+
+
+@pytest.mark.parametrize(
+    "defect, expected",
+    [
+        ("nan", "shard-00001.parquet: row 5 (id 'row-69') has a NaN or Inf in `latent`"),
+        ("label", "shard-00001.parquet: row 3 has label 10, not in [0, 10)"),
+        ("corrupt", "shard-00001.parquet: not a readable Parquet shard"),
+    ],
+)
+def test_bad_latent_values_fail_before_any_worker(no_workers, capsys, tampered_latents, tmp_path, defect, expected):
+    prefix = tampered_latents[defect]
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", prefix, "--output", str(tmp_path))
+    assert "data.manifest_uri" in error and f"{prefix}/latents/train/{expected}" in error
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.num_workers=1", "train.cpus_per_worker=2"], "take 2 of the cluster's 2 CPUs and leave 0"),
+        (["train.num_workers=2", "train.cpus_per_worker=1"], "take 2 of the cluster's 2 CPUs and leave 0"),
+        (["train.num_workers=1", "train.use_gpu=true"], "fit 0 of the 1 worker(s) x 0.5 CPU + 1 GPU"),
+    ],
+)
+def test_a_request_the_cluster_cannot_meet_is_refused_before_training(
+    ray_cluster, monkeypatch, capsys, s3_latents, tmp_path, overrides, expected
+):
+    """As a new user tried it: one worker holding both CPUs of a 2-CPU cluster left the data
+    reads waiting forever after "started MLflow run"."""
+    import ecar.train.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the job started training despite an unsatisfiable request")
+
+    monkeypatch.setattr(ecar.train.trainer, "fit", refuse)
+    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path), *overrides)
+    assert expected in error and "train.wait_for_resources=true" in error
