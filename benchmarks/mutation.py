@@ -93,6 +93,9 @@ EQUIVALENT: dict[str, str] = {
     "ecar.euler.x_integrate__mutmut_2": (
         "the initial velocity is returned only after zero Euler steps; the config requires at least one"
     ),
+    "ecar.layout.xǁStageLayoutǁstage_of_token__mutmut_3": (
+        "torch.repeat_interleave(repeats) is repeat_interleave(arange(len(repeats)), repeats): the same stage indices"
+    ),
     "ecar.layout.xǁStageLayoutǁstarts__mutmut_9": (
         "`/` for the grid ratio: the config requires each grid to be a whole multiple of the previous one, so "
         "both give the same number"
@@ -129,7 +132,17 @@ EQUIVALENT: dict[str, str] = {
 
 
 # mutant name -> the test that kills it (added for a survivor of the run before these tests)
-KILLED_BY: dict[str, str] = {}
+KILLED_BY: dict[str, str] = {
+    "ecar.flow.x_upsample_and_renoise__mutmut_19": (
+        "tests/unit/test_flow_exact.py::test_up_and_renoise_without_room_for_noise_is_the_scaled_up_state_alone"
+    ),
+    "ecar.models.ecar.xǁECARǁ__init____mutmut_35": (
+        "tests/unit/test_models.py::test_flow_positions_are_in_units_of_the_finest_token_grid"
+    ),
+    "ecar.models.ecar.xǁECARǁ__init____mutmut_36": (
+        "tests/unit/test_models.py::test_flow_positions_are_in_units_of_the_finest_token_grid"
+    ),
+}
 
 
 def allow_wrapping_decorators() -> None:

@@ -351,3 +351,14 @@ def test_sampling_and_training_follow_the_inputs_device_not_the_default_device()
         assert torch.equal(model.generate(labels, generator=seeded(0), steps_per_stage=(1, 1, 1)), sampled)
         model.train()
         assert torch.equal(model.loss(latents, labels, seeded(0))["loss"], loss)
+
+
+def test_up_and_renoise_without_room_for_noise_is_the_scaled_up_state_alone():
+    """b = a = 1/2 at factor 2: the carried noise k (1 - b) already has the start's std 1 - a,
+    so nothing is added (sigma = 0) and the start is exactly k Up(x) (here k = 1)."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert flow.renoise_coefficients(0.5, 0.5, 2)[1] == 0.0
+    assert torch.equal(flow.upsample_and_renoise(x, 8, previous_end=0.5, next_start=0.5), flow.upsample(x, 8))
+    # k = a / b = 2: the carried noise 2 (1 - b) = 1.5 exceeds 1 - a = 0.5, still nothing is added
+    assert flow.renoise_coefficients(0.25, 0.5, 2)[1] == 0.0
+    assert torch.equal(flow.upsample_and_renoise(x, 8, previous_end=0.25, next_start=0.5), 2.0 * flow.upsample(x, 8))

@@ -173,3 +173,22 @@ def test_a_tiny_model_overfits_a_handful_of_latents(preset):
         losses.append(loss.item())
     assert min(losses[-10:]) < losses[0] / 10
     assert isinstance(model, FlowDiT if "kind=dit" in " ".join(overrides) else ECAR)
+
+
+@pytest.mark.parametrize("grids", [(2, 4, 8), (4, 8)])
+def test_flow_positions_are_in_units_of_the_finest_token_grid(grids):
+    """Token centres are counted in finest-grid tokens: the last stage's tokens sit at 0..G-1,
+    and a coarse token sits at the mean of the fine tokens it covers (so they share a position)."""
+    from ecar.models.blocks import sincos_embedding_2d
+
+    overrides = {"stages.grids": list(grids), "model.latent_size": grids[-1], "flow.steps_per_stage": [2] * len(grids)}
+    model = build_model(get_config("ecar-debug", overrides))
+    width, finest = model.config.model.width, model.layout.token_grids[-1]
+    for grid in model.layout.token_grids:
+        assert torch.equal(model.flow.positions(grid, torch.device("cpu")), sincos_embedding_2d(width, grid, finest))
+    # the finest stage at integer coordinates: position (0, 1) is embed(0) | embed(1)
+    first_row = model.flow.positions(finest, torch.device("cpu"))[1]
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    expected = torch.cat([torch.zeros_like(frequencies).sin(), torch.zeros_like(frequencies).cos(),
+                          frequencies.sin(), frequencies.cos()]).float()  # fmt: skip
+    assert torch.allclose(first_row, expected, atol=1e-6)
