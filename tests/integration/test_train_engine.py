@@ -144,3 +144,87 @@ def test_sharded_checkpoint_round_trips_through_the_weights_only_loader(
             atol=0,
             msg=lambda message, name=name: f"{name}: {message}",
         )
+
+
+def _fp32_masters(backend):
+    """Whole fp32 master weights through DeepSpeed's own API (an all-reduce per parameter)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).detach().float().clone() for name, p in backend.named_parameters()}
+
+
+def _bf16_copy(backend):
+    """The module's bf16 weights (what the EMA used to follow), whole at world size 1; under
+    ZeRO-3 each rank holds a partition of them."""
+    copies = {}
+    for name, p in backend.named_parameters():
+        tensor = p.ds_tensor[: p.ds_numel].view(p.ds_shape) if hasattr(p, "ds_id") else p
+        copies[name] = tensor.detach().float().clone()
+    return copies
+
+
+def _ema_by_hand(backend, config, decay=0.9):
+    """Trains `config` on `backend` with the loop's EMA, and keeps two EMAs by hand after every
+    step: one over the fp32 masters (DeepSpeed's `safe_get_full_fp32_param`), one over the bf16
+    module copy. Returns (the loop's EMA gathered whole, by hand from masters, by hand from bf16)."""
+    ema = EMA(backend.ema_sources(), decay)
+    masters = _fp32_masters(backend)
+    module = _bf16_copy(backend)
+
+    def after_step(state, due, metrics):
+        for name, tensor in _fp32_masters(backend).items():
+            masters[name].lerp_(tensor, 1.0 - decay)
+        for name, tensor in _bf16_copy(backend).items():
+            module[name].lerp_(tensor, 1.0 - decay)
+
+    train(backend, config, _data, TrainState(), ema, after_step)
+    return backend.gather(ema.shadow), masters, module
+
+
+def _max_difference(a, b):
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_ema_follows_the_fp32_master_weights(process_group, stage):
+    config = _config(f"train.zero_stage={stage}", "train.precision=bf16", "train.steps=4")
+    backend = _deepspeed(config)
+    assert {p.dtype for _, p in backend.named_parameters()} == {torch.bfloat16}
+    ema, from_masters, from_module = _ema_by_hand(backend, config)
+    assert ema.keys() == from_masters.keys()
+    # the same fp32 lerp over the same fp32 tensors: equal to the last bit
+    assert _max_difference(ema, from_masters) == 0.0
+    # teeth: an EMA fed from the bf16 copy is off by the bf16 rounding of every weight it saw
+    fed_from_bf16 = _max_difference(from_module, from_masters)
+    assert fed_from_bf16 > 1e-5, fed_from_bf16
+    print(f"ZeRO-{stage} bf16, 1 worker: EMA vs fp32 masters 0.0; a bf16-fed EMA differs by {fed_from_bf16:.3g}")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_whole_optimizer_state_restores_the_next_step_exactly(process_group, tmp_path, precision):
+    """The elastic-resume path in one process: the whole fp32 state (masters, AdamW moments and
+    step) written by one engine and loaded into a fresh one gives the same next step."""
+    from safetensors.torch import load_file, save_file
+
+    config = _config("train.zero_stage=2", f"train.precision={precision}")
+    backend = _deepspeed(config)
+    train(backend, config, _data, TrainState(), EMA(backend.ema_sources(), 0.9))
+    whole = backend.whole_state()
+    assert int(whole["step"]) == 3 and {key.split("/")[0] for key in whole} == {
+        "weight",
+        "exp_avg",
+        "exp_avg_sq",
+        "step",
+    }
+    save_file(whole, str(tmp_path / "optimizer.safetensors"))
+    fresh = _deepspeed(config.override({"train.seed": 1}))  # other initial weights
+    fresh.load_whole_state(load_file(str(tmp_path / "optimizer.safetensors")))
+    assert _max_difference(_fp32_masters(fresh), _fp32_masters(backend)) == 0.0
+    one_more = _config("train.zero_stage=2", f"train.precision={precision}", "train.steps=4")
+    for engine in (backend, fresh):
+        train(engine, one_more, _data, TrainState(step=3), EMA(engine.ema_sources(), 0.9))
+    # fresh AdamW moments or step would take another step
+    assert _max_difference(_fp32_masters(fresh), _fp32_masters(backend)) == 0.0
+    module = dict(fresh.named_parameters())
+    for name, parameter in backend.named_parameters():
+        assert torch.equal(module[name], parameter), name
