@@ -112,9 +112,11 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     num_workers: int = 2
-    # Elastic runs (ZeRO-1/2): Ray Train runs between min_workers and num_workers workers and
-    # resizes (from the latest checkpoint) as nodes come and go; 0 keeps the run at num_workers.
-    # Every size in between must divide global_batch_size / micro_batch_size (the same batches at each).
+    # Elastic runs (ZeRO-1/2, min_workers > 0): Ray Train runs between min_workers and num_workers
+    # workers and resizes (from the latest checkpoint) as nodes come and go, and checkpoints carry
+    # the whole optimizer state that a restart at another world size loads; 0: a fixed-size run.
+    # The size it runs at must divide global_batch_size / micro_batch_size (the same batches at each
+    # size): choose bounds that whole nodes meet, e.g. 4-GPU nodes and 4..8 workers.
     min_workers: int = 0
     cpus_per_worker: float = 1.0
     # torch threads per worker; 0 = one per whole CPU the worker asks for (Ray's default, at
@@ -493,15 +495,14 @@ def validate(config: Config) -> None:
     )
     low, high = worker_bounds(train)
     _check(0 <= train.min_workers <= high, "train.min_workers", f"must lie in [0, train.num_workers={high}]")
-    uneven = [size for size in range(low, high + 1) if (train.global_batch_size // train.micro_batch_size) % size]
     _check(
-        not uneven,
+        (train.global_batch_size // train.micro_batch_size) % low == 0,
         "train.min_workers",
-        f"world sizes {uneven} in [{low}, {high}] do not divide global_batch_size / micro_batch_size "
-        f"({train.global_batch_size} / {train.micro_batch_size}): the global batch could not stay the same",
+        f"{low} does not divide global_batch_size / micro_batch_size ({train.global_batch_size} / "
+        f"{train.micro_batch_size}): the global batch could not stay the same at {low} workers",
     )
     _check(
-        low == high or train.zero_stage in (1, 2),
+        train.min_workers == 0 or train.zero_stage in (1, 2),
         "train.min_workers",
         f"elastic runs re-partition ZeRO-1/2 state; at stage {train.zero_stage} keep train.min_workers=0",
     )

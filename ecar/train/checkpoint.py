@@ -106,7 +106,7 @@ def needs_repartition(info: RunInfo, world_size: int, zero_stage: int, directory
         raise ValueError(
             f"the checkpoint was written by {info.world_size} workers at ZeRO stage {zero_stage}, without the "
             f"whole optimizer state another world size needs; this run has {world_size} workers. Resume with "
-            f"train.num_workers={info.world_size}; elastic runs (train.min_workers below train.num_workers, "
-            "ZeRO stage 1 or 2) write that state"
+            f"train.num_workers={info.world_size}; elastic runs (train.min_workers > 0, ZeRO stage 1 or 2) write "
+            "that state"
         )
     return True

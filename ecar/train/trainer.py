@@ -138,7 +138,7 @@ class RunEvents:
             mlflow_run_id=self.mlflow_run_id,
         )
         # an elastic run also checkpoints its optimizer whole, for a restart at another world size
-        self.elastic = len(set(worker_bounds(config.train))) > 1
+        self.elastic = config.train.min_workers > 0
         self.memory = PeakMemory()
         self.preview = Preview(config, data, rank) if rank == 0 else None
         self.validator = Validator(config, data, rank, world_size) if data.val_rows else None
