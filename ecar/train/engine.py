@@ -133,11 +133,23 @@ class DeepSpeedBackend:
         The masters are what the optimizer steps: under bf16 the module holds a bf16 copy of
         them, which is not what the EMA or a checkpoint should follow. ZeRO-3: this rank's
         partition of each parameter; ZeRO-1/2 (and bf16 at stage 1): the slice of each parameter
-        inside this rank's flat fp32 partition (often empty); stage 0: the parameters themselves
-        (the masters under fp32; under bf16 no fp32 copy exists). The same dispatch as
-        `deepspeed.utils.safe_get_full_fp32_param`, without its all-reduce."""
+        inside this rank's flat fp32 partition (often empty); stage 0: DeepSpeed's fp32 copy of
+        each parameter under bf16, the parameters themselves under fp32. The dispatch of
+        `deepspeed.utils.safe_get_full_fp32_param` without its all-reduce, plus stage 0, which
+        that function does not cover."""
         from deepspeed.utils import safe_get_local_fp32_param
 
+        # stage-0 bf16: DeepSpeed's unfused optimizer steps fp32 clones of the bf16 parameters
+        stage0 = getattr(self.optimizer, "fp32_groups", None) if self.zero_stage == 0 else None
+        copies = (
+            {}
+            if stage0 is None
+            else {
+                id(low): high
+                for lows, highs in zip(self.optimizer.fp16_groups, stage0)
+                for low, high in zip(lows, highs)
+            }
+        )
         pieces = []
         for name, parameter in self.named_parameters():
             if hasattr(parameter, "ds_id"):
@@ -151,7 +163,7 @@ class DeepSpeedBackend:
                 else:
                     pieces.append((name, mapping.hp_fragment, mapping.lp_fragment_address.start))
             else:
-                pieces.append((name, parameter.detach().view(-1), 0))
+                pieces.append((name, copies.get(id(parameter), parameter).detach().view(-1), 0))
         return pieces
 
     @property
