@@ -112,6 +112,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     num_workers: int = 2
+    # Elastic runs (ZeRO-1/2, min_workers > 0): Ray Train runs between min_workers and num_workers
+    # workers and resizes (from the latest checkpoint) as nodes come and go, and checkpoints carry
+    # the whole optimizer state that a restart at another world size loads; 0: a fixed-size run.
+    # The size it runs at must divide global_batch_size / micro_batch_size (the same batches at each
+    # size): choose bounds that whole nodes meet, e.g. 4-GPU nodes and 4..8 workers.
+    min_workers: int = 0
     cpus_per_worker: float = 1.0
     # torch threads per worker; 0 = one per whole CPU the worker asks for (Ray's default, at
     # least 1). More threads than CPUs asked for lets one worker use cores that Ray keeps free
@@ -497,6 +503,19 @@ def validate(config: Config) -> None:
         f"{train.global_batch_size} is not micro_batch_size ({train.micro_batch_size}) x "
         f"num_workers ({train.num_workers}) x a whole number of accumulation steps",
     )
+    low, high = worker_bounds(train)
+    _check(0 <= train.min_workers <= high, "train.min_workers", f"must lie in [0, train.num_workers={high}]")
+    _check(
+        (train.global_batch_size // train.micro_batch_size) % low == 0,
+        "train.min_workers",
+        f"{low} does not divide global_batch_size / micro_batch_size ({train.global_batch_size} / "
+        f"{train.micro_batch_size}): the global batch could not stay the same at {low} workers",
+    )
+    _check(
+        train.min_workers == 0 or train.zero_stage in (1, 2),
+        "train.min_workers",
+        f"elastic runs re-partition ZeRO-1/2 state; at stage {train.zero_stage} keep train.min_workers=0",
+    )
     _check(train.cpus_per_worker > 0, "train.cpus_per_worker", "must be positive")
     _check(train.torch_threads >= 0, "train.torch_threads", "must be 0 (Ray's default) or positive")
     for key in ("log_every", "sample_every", "checkpoint_every", "num_to_keep"):
@@ -537,6 +556,11 @@ def _validate_data_and_tokenizer(config: Config) -> None:
         "tokenizer.fid_images",
         "must be 0 (skip) or at least 2 (a covariance needs two images)",
     )
+
+
+def worker_bounds(train: TrainConfig) -> tuple[int, int]:
+    """(fewest, most) training workers: equal unless the run is elastic (train.min_workers)."""
+    return (train.min_workers or train.num_workers), train.num_workers
 
 
 def gradient_accumulation_steps(train: TrainConfig, world_size: int | None = None) -> int:

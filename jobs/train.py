@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from ecar.config import USER_ERRORS, Config
+from ecar.config import USER_ERRORS, Config, ConfigError
 from ecar.log import get_logger
 from ecar.train.loop import NonFiniteLossError
 
@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="run name; the same name resumes (default: PRESET-TIMESTAMP)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument(
+        "--workers",
+        help="training workers: N, or MIN-MAX for an elastic run that Ray Train resizes between them as nodes "
+        "come and go (sets train.num_workers and train.min_workers; the global batch stays the same)",
+    )
+    parser.add_argument(
         "--allow-changes",
         action="store_true",
         help="resume run NAME although its model, optimizer or data settings (or its data set) changed",
@@ -38,13 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(preset: str, overrides: list[str], manifest: str | None, output: str | None) -> Config:
-    """The preset with overrides; --manifest and --output land in the config, so that they are
-    saved with checkpoints and logged as params like every other setting."""
+def worker_overrides(workers: str) -> dict[str, int]:
+    """--workers N or MIN-MAX as train.num_workers (and train.min_workers)."""
+    low, dash, high = workers.partition("-")
+    if not (low.isdigit() and (high.isdigit() or not dash)):
+        raise ConfigError(f"--workers {workers!r}: expected a count (8) or bounds MIN-MAX (4-8)")
+    return {"train.num_workers": int(high or low), "train.min_workers": int(low) if high else 0}
+
+
+def resolve_config(
+    preset: str, overrides: list[str], manifest: str | None, output: str | None, workers: str | None = None
+) -> Config:
+    """The preset with overrides; --manifest, --output and --workers land in the config, so that
+    they are saved with checkpoints and logged as params like every other setting."""
     from ecar.presets import get_config
 
     config = get_config(preset, overrides)
-    extra = {}
+    extra: dict[str, object] = worker_overrides(workers) if workers else {}
     if manifest:
         extra["data.manifest_uri"] = manifest
     if output:
@@ -88,7 +103,7 @@ def train_job(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = resolve_config(args.preset, args.overrides, args.manifest, args.output)
+        config = resolve_config(args.preset, args.overrides, args.manifest, args.output, args.workers)
         name = args.name or f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = train_job(config, name, args.address, allow_changes=args.allow_changes)
     except USER_ERRORS as error:

@@ -2,12 +2,15 @@
 
 One checkpoint folder (Ray merges every rank's files into it):
     deepspeed/                 DeepSpeed's sharded module + optimizer state (every rank)
-    ema.safetensors            EMA weights, whole (ZeRO 0-2; rank 0)
-    ema-rank00003.safetensors  EMA partitions, one per rank (ZeRO-3)
+    ema.safetensors            EMA weights, whole (rank 0)
+    optimizer.safetensors      elastic runs: the fp32 master weights and AdamW's moments and step,
+                               whole (rank 0), which any world size can re-partition
     train_state.json           step, data position, skip counter, world size, ZeRO stage,
                                manifest URI and content hash, MLflow run id (rank 0)
     config.json                the full Config (rank 0)
 
+DeepSpeed's shards reload at the world size that wrote them; at another one (an elastic run
+resized, or a relaunch with another train.num_workers) `optimizer.safetensors` is loaded instead.
 Our own files are safetensors and JSON: nothing in them executes on load.
 """
 
@@ -28,8 +31,8 @@ STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 
 
-def ema_file(zero_stage: int, rank: int) -> str:
-    return f"ema-rank{rank:05d}.safetensors" if zero_stage == 3 else "ema.safetensors"
+EMA_FILE = "ema.safetensors"
+WHOLE_STATE_FILE = "optimizer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,23 @@ class RunInfo:
 def save_local(
     directory: Path,
     state: TrainState,
-    ema_state: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    whole_state: dict[str, torch.Tensor] | None,
     info: RunInfo,
     config: Config,
     rank: int,
 ) -> None:
-    """This rank's non-DeepSpeed files; call after `DeepSpeedBackend.save(directory)`."""
+    """This rank's non-DeepSpeed files; call after `DeepSpeedBackend.save(directory)`. `ema` and
+    `whole_state` are whole tensors (rank 0's, gathered; None elsewhere and in fixed-size runs)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if info.zero_stage == 3 or rank == 0:
-        tensors = {name: t.detach().cpu().contiguous() for name, t in ema_state.items()}
-        save_file(tensors, str(directory / ema_file(info.zero_stage, rank)))
-    if rank == 0:
-        record: dict[str, Any] = {**state.to_dict(), **info.__dict__}
-        (directory / STATE_FILE).write_text(json.dumps(record, indent=2))
-        (directory / CONFIG_FILE).write_text(config.to_json())
+    if rank != 0:
+        return
+    save_file({name: t.contiguous() for name, t in ema.items()}, str(directory / EMA_FILE))
+    if whole_state is not None:
+        save_file({name: t.contiguous() for name, t in whole_state.items()}, str(directory / WHOLE_STATE_FILE))
+    record: dict[str, Any] = {**state.to_dict(), **info.__dict__}
+    (directory / STATE_FILE).write_text(json.dumps(record, indent=2))
+    (directory / CONFIG_FILE).write_text(config.to_json())
 
 
 def read_state(directory: Path) -> tuple[TrainState, RunInfo]:
@@ -71,19 +77,37 @@ def read_state(directory: Path) -> tuple[TrainState, RunInfo]:
     return TrainState.from_dict(record), info
 
 
-def read_ema(directory: Path, zero_stage: int, rank: int) -> dict[str, torch.Tensor]:
-    path = directory / ema_file(zero_stage, rank)
+def _read(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    path = directory / name
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {directory} has no {path.name}")
+        raise FileNotFoundError(f"checkpoint {directory} has no {name}")
     return load_file(str(path))
 
 
-def check_compatible(info: RunInfo, world_size: int, zero_stage: int) -> None:
-    """DeepSpeed's sharded state reloads only at the same world size and ZeRO stage; the exported
-    checkpoint (consolidated EMA) is the way to change either."""
-    if info.world_size != world_size or info.zero_stage != zero_stage:
+def read_ema(directory: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights, whole, in the model's shapes."""
+    return _read(directory, EMA_FILE)
+
+
+def read_whole_state(directory: Path) -> dict[str, torch.Tensor]:
+    return _read(directory, WHOLE_STATE_FILE)
+
+
+def needs_repartition(info: RunInfo, world_size: int, zero_stage: int, directory: Path) -> bool:
+    """Whether this run (at `world_size`) must load the whole optimizer state instead of DeepSpeed's
+    shards; raises where neither can resume it."""
+    if info.zero_stage != zero_stage:
         raise ValueError(
-            f"the checkpoint was written by {info.world_size} workers at ZeRO stage {info.zero_stage}; this "
-            f"run has {world_size} workers at stage {zero_stage}. Resume with the same train.num_workers and "
-            "train.zero_stage, or start a new run (a new --name) from the exported checkpoint"
+            f"the checkpoint was written at ZeRO stage {info.zero_stage}, this run is at stage {zero_stage}. "
+            "Resume with the same train.zero_stage, or start a new run (a new --name) from the exported checkpoint"
         )
+    if info.world_size == world_size:
+        return False
+    if zero_stage not in (1, 2) or not (directory / WHOLE_STATE_FILE).exists():
+        raise ValueError(
+            f"the checkpoint was written by {info.world_size} workers at ZeRO stage {zero_stage}, without the "
+            f"whole optimizer state another world size needs; this run has {world_size} workers. Resume with "
+            f"train.num_workers={info.world_size}; elastic runs (train.min_workers > 0, ZeRO stage 1 or 2) write "
+            "that state"
+        )
+    return True

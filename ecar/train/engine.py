@@ -20,6 +20,7 @@ from ecar.train.deepspeed_config import deepspeed_config
 from ecar.train.loop import LossModule
 
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's sharded state
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
@@ -125,27 +126,144 @@ class DeepSpeedBackend:
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name.removeprefix("model."), p) for name, p in self.engine.module.named_parameters()]
 
-    def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
-        """Whole parameters, or under ZeRO-3 this rank's flat partition of each one."""
-        if self.zero_stage == 3:
-            return [(name, p.ds_tensor) for name, p in self.named_parameters()]
-        return self.named_parameters()
+    def master_pieces(self) -> list[tuple[str, torch.Tensor, int]]:
+        """(name, this rank's piece of the fp32 master weights as a flat tensor, where the piece
+        starts in the flattened parameter), for every parameter in `named_parameters` order.
 
-    def gather(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Whole fp32 tensors from an EMA over `ema_sources`, on rank 0 (None elsewhere).
+        The masters are what the optimizer steps: under bf16 the module holds a bf16 copy of
+        them, which is not what the EMA or a checkpoint should follow. ZeRO-3: this rank's
+        partition of each parameter; ZeRO-1/2 (and bf16 at stage 1): the slice of each parameter
+        inside this rank's flat fp32 partition (often empty); stage 0: DeepSpeed's fp32 copy of
+        each parameter under bf16, the parameters themselves under fp32. The dispatch of
+        `deepspeed.utils.safe_get_full_fp32_param` without its all-reduce, plus stage 0, which
+        that function does not cover."""
+        from deepspeed.utils import safe_get_local_fp32_param
 
-        Every rank must call this (ZeRO-3 partitions are all-gathered)."""
-        if self.zero_stage != 3:
-            return {name: t.detach().cpu().clone() for name, t in shadow.items()} if self.rank == 0 else None
-        whole = {}
+        # stage-0 bf16: DeepSpeed's unfused optimizer steps fp32 clones of the bf16 parameters
+        stage0 = getattr(self.optimizer, "fp32_groups", None) if self.zero_stage == 0 else None
+        copies = (
+            {}
+            if stage0 is None
+            else {
+                id(low): high
+                for lows, highs in zip(self.optimizer.fp16_groups, stage0)
+                for low, high in zip(lows, highs)
+            }
+        )
+        pieces = []
         for name, parameter in self.named_parameters():
-            part = shadow[name].to(self.device)
-            parts = [torch.empty_like(part) for _ in range(self.world_size)]
-            dist.all_gather(parts, part)
-            if self.rank == 0:
-                flat = torch.cat(parts)[: parameter.ds_numel]
-                whole[name] = flat.view(parameter.ds_shape).cpu()
+            if hasattr(parameter, "ds_id"):
+                partition = safe_get_local_fp32_param(parameter)  # padded to world x partition size
+                start = self.rank * partition.numel()
+                pieces.append((name, partition[: max(0, parameter.ds_numel - start)], start))
+            elif hasattr(parameter, "_hp_mapping"):
+                mapping = parameter._hp_mapping
+                if mapping is None:  # this parameter lies wholly in other ranks' partitions
+                    pieces.append((name, torch.empty(0, device=self.device), 0))
+                else:
+                    pieces.append((name, mapping.hp_fragment, mapping.lp_fragment_address.start))
+            else:
+                pieces.append((name, copies.get(id(parameter), parameter).detach().view(-1), 0))
+        return pieces
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether each rank's master pieces are parts of the weights rather than whole copies."""
+        return self.zero_stage > 0 and self.world_size > 1
+
+    def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's pieces of the fp32 master weights (see `master_pieces`): the EMA is
+        partitioned like the optimizer and costs 1/world of a copy."""
+        return [(name, piece) for name, piece, _ in self.master_pieces()]
+
+    def gather(self, pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Whole fp32 tensors in the model's shapes from tensors laid out like `ema_sources`
+        (the EMA), on rank 0 (None elsewhere). Every rank must call this when the pieces are
+        partitioned: each parameter is summed onto rank 0 from its zero-padded pieces."""
+        shapes = self._shapes()
+        whole = {}
+        for name, _, start in self.master_pieces():
+            piece = pieces[name].detach().to(self.device, torch.float32).view(-1)
+            if not self.partitioned:
+                whole[name] = piece.view(shapes[name]).cpu().clone()
+                continue
+            flat = torch.zeros(shapes[name].numel(), dtype=torch.float32, device=self.device)
+            flat[start : start + piece.numel()] = piece
+            dist.reduce(flat, dst=0)
+            whole[name] = flat.view(shapes[name]).cpu()
         return whole if self.rank == 0 else None
+
+    def pieces_of(self, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's pieces of whole tensors (the inverse of `gather`), e.g. to load an EMA
+        saved at another world size."""
+        return {
+            name: whole[name].reshape(-1)[start : start + piece.numel()].clone()
+            for name, piece, start in self.master_pieces()
+        }
+
+    # ----- world-size-independent optimizer state (elastic resume) ---------------------------
+    def _adam(self):
+        """The torch (CPU) or DeepSpeed (GPU) Adam that ZeRO-1/2 wrap around this rank's flat
+        fp32 partitions: one tensor per param group, moments in its state."""
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"a whole-state checkpoint covers ZeRO stages 1 and 2, not {self.zero_stage}")
+        return self.optimizer.optimizer
+
+    def _moment_pieces(self, key: str) -> dict[str, torch.Tensor]:
+        """This rank's pieces of AdamW's moment `key`, laid out like `master_pieces`."""
+        adam = self._adam()
+        pieces = {}
+        for name, parameter in self.named_parameters():
+            mapping = parameter._hp_mapping
+            if mapping is None:
+                pieces[name] = torch.empty(0, device=self.device)
+                continue
+            flat = adam.param_groups[mapping.param_group_index]["params"][0]
+            address = mapping.hp_fragment_address
+            pieces[name] = adam.state[flat][key].narrow(0, address.start, address.numel)
+        return pieces
+
+    def whole_state(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights and AdamW's moments and step, whole, on rank 0 (None
+        elsewhere): "weight/NAME", "exp_avg/NAME", "exp_avg_sq/NAME", "step". Any world size can
+        load it (`load_whole_state`). ZeRO-1/2 after at least one step; every rank must call it."""
+        adam = self._adam()
+        whole = {}
+        masters = {name: piece for name, piece, _ in self.master_pieces()}
+        for key, pieces in (("weight", masters), *((k, self._moment_pieces(k)) for k in ADAM_MOMENTS)):
+            gathered = self.gather(pieces)
+            if gathered is not None:
+                whole.update({f"{key}/{name}": tensor for name, tensor in gathered.items()})
+        steps = {int(state["step"]) for state in adam.state.values()}
+        if len(steps) != 1:
+            raise RuntimeError(f"the optimizer's partitions disagree on the step count ({sorted(steps)})")
+        return {**whole, "step": torch.tensor(steps.pop())} if self.rank == 0 else None
+
+    def load_whole_state(self, whole: dict[str, torch.Tensor]) -> None:
+        """Set this rank's partitions from `whole_state()`'s tensors, whatever world size wrote
+        them: fp32 masters, AdamW moments and step, and the module's (bf16 or fp32) copy of the
+        weights, which DeepSpeed would otherwise refresh only at the next step."""
+        from deepspeed.ops.adam import FusedAdam
+
+        adam = self._adam()
+        step = int(whole["step"])
+        for group in adam.param_groups:  # Adam creates its state lazily at the first step
+            flat = group["params"][0]
+            # DeepSpeed's fused Adam (GPU) counts in an int, torch's AdamW in a float tensor
+            count = step if isinstance(adam, FusedAdam) else torch.tensor(float(step))
+            adam.state[flat] = {"step": count, **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
+        with torch.no_grad():
+            for key, pieces in (
+                ("weight", {name: piece for name, piece, _ in self.master_pieces()}),
+                *((k, self._moment_pieces(k)) for k in ADAM_MOMENTS),
+            ):
+                for name, piece in self.pieces_of({n: whole[f"{key}/{n}"] for n in pieces}).items():
+                    pieces[name].copy_(piece)
+            for name, parameter in self.named_parameters():
+                parameter.copy_(whole[f"weight/{name}"])
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        return {name: p.ds_shape if hasattr(p, "ds_id") else p.shape for name, p in self.named_parameters()}
 
     def state_bytes(self, extra: list[torch.Tensor]) -> int:
         """Bytes of the tensors this rank keeps between steps: the weights (or their ZeRO-3

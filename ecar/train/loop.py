@@ -264,8 +264,11 @@ def train(
             latents = latents.to(backend.device, backend.dtype, non_blocking=True)
             labels = labels.to(backend.device, torch.long, non_blocking=True)
             generator = torch.Generator(device=backend.device)
-            # a function of where the micro-batch is in the run: a resumed run draws what an uninterrupted one would
-            generator.manual_seed(derived_seed(train_config.seed, state.step, micro, backend.rank))
+            # a function of where the micro-batch is in the run (its step and its slot in the global
+            # batch, see ecar.train.streams): a resumed run draws what an uninterrupted one would,
+            # at any world size
+            slot = micro * backend.world_size + backend.rank
+            generator.manual_seed(derived_seed(train_config.seed, state.step, slot))
             losses = backend.forward(latents, labels, generator)
             loss = losses["loss"]
             # Every rank must agree before backward: one rank skipping a collective would hang

@@ -139,6 +139,7 @@ OPERATIONAL_KEYS = {
     "train.cpus_per_worker",
     "train.torch_threads",
     "train.num_workers",  # DeepSpeed's shards decide whether it may change (checked in the workers)
+    "train.min_workers",
     "train.use_gpu",
 }
 TRAINING_DATA_KEYS = {"data.shuffle_buffer_rows", "data.val_split"}  # the rest of data.* is prepare/encode's
@@ -196,16 +197,20 @@ def check_cluster(config: Config) -> None:
     """Refuse a request the connected cluster cannot meet as it is (unless
     train.wait_for_resources): Ray would wait for it without a word. The training workers must
     fit on the nodes (each worker on one node), and leave at least one CPU for Ray Data's read
-    tasks, which take one CPU each and are kept off the workers' share."""
+    tasks, which take one CPU each and are kept off the workers' share. An elastic run needs its
+    fewest workers (train.min_workers) to fit."""
     import ray
+
+    from ecar.config import worker_bounds
 
     train = config.train
     if train.wait_for_resources:
         return
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     total = sum(node.get("CPU", 0.0) for node in nodes)
-    asked = train.num_workers * train.cpus_per_worker
-    request = f"{train.num_workers} worker(s) x {train.cpus_per_worker:g} CPU{' + 1 GPU' if train.use_gpu else ''}"
+    workers = worker_bounds(train)[0]
+    asked = workers * train.cpus_per_worker
+    request = f"{workers} worker(s) x {train.cpus_per_worker:g} CPU{' + 1 GPU' if train.use_gpu else ''}"
     hint = "ask for less, or set train.wait_for_resources=true on a cluster that autoscales"
     if total - asked < 1:
         raise PreflightError(
@@ -218,7 +223,7 @@ def check_cluster(config: Config) -> None:
         if train.use_gpu:
             fits = min(fits, int(node.get("GPU", 0.0)))
         placeable += fits
-    if placeable < train.num_workers:
+    if placeable < workers:
         raise PreflightError(
             f"train.num_workers: the cluster's {len(nodes)} node(s) fit {placeable} of the {request}; {hint}"
         )

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 
 from ecar import storage
-from ecar.config import Config
+from ecar.config import Config, worker_bounds
 from ecar.log import get_logger
 
 log = get_logger(__name__)
 
-DATASET_NAME = "train"
 # A worker's last report carries this key when it ended the run on purpose (a non-finite loss);
 # the driver turns it back into the error instead of a finished run.
 STOPPED_KEY = "stopped"
@@ -71,6 +70,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     from ecar.train.ema import EMA
     from ecar.train.engine import DeepSpeedBackend
     from ecar.train.loop import NonFiniteLossError, train
+    from ecar.train.streams import worker_epochs
     from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
@@ -93,22 +93,21 @@ def train_worker(arguments: dict[str, Any]) -> None:
     state = events.restore(ray.train.get_checkpoint())
     tracker.set_phase(f"DeepSpeed ready; reading the first batches and running step {state.step + 1}")
 
-    shard = ray.train.get_dataset_shard(DATASET_NAME)
-
-    def open_epoch(epoch: int):
-        # Seeded by epoch: the same order and mirror choices whenever an epoch is replayed after
-        # a restart, other ones in the next epoch.
+    def open_stream(shard, stream: int, epoch: int):
+        # Seeded by epoch and stream: the same order and mirror choices whenever an epoch is
+        # replayed after a restart, at any world size; other ones in the next epoch.
         for batch in torch_batches(
             shard,
             config.train.micro_batch_size,
             config.data.shuffle_buffer_rows,
             config.train.seed,
             epoch=epoch,
-            rank=rank,
+            rank=stream,
             prefetch_batches=2,
         ):
             yield batch["latent"].reshape(-1, *data.latent_shape), batch["label"]
 
+    open_epoch = worker_epochs(rank, context.get_world_size(), config.train, open_stream)
     events.memory.reset()  # from here on: training steps only, not model building and DeepSpeed's setup
     try:
         train(backend, config, open_epoch, state, ema, events)
@@ -151,6 +150,8 @@ class RunEvents:
             mlflow_run_id=self.mlflow_run_id,
             manifest_sha256=data.manifest_sha256,
         )
+        # an elastic run also checkpoints its optimizer whole, for a restart at another world size
+        self.elastic = config.train.min_workers > 0
         self.memory = PeakMemory()
         self.preview = Preview(config, data, rank) if rank == 0 else None
         self.validator = Validator(config, data, rank, world_size) if data.val_rows else None
@@ -164,18 +165,25 @@ class RunEvents:
 
         if checkpoint is None:
             return TrainState()
+        from ecar.train.streams import rescale_position
+
         with checkpoint.as_directory() as directory:
             directory = Path(directory)
             state, saved = ckpt.read_state(directory)
-            ckpt.check_compatible(saved, self.info.world_size, self.config.train.zero_stage)
-            self.backend.load(directory)
-            self.ema.load_state_dict(ckpt.read_ema(directory, self.config.train.zero_stage, self.rank))
+            if ckpt.needs_repartition(saved, self.info.world_size, self.config.train.zero_stage, directory):
+                self.backend.load_whole_state(ckpt.read_whole_state(directory))
+                state = rescale_position(state, self.config.train, saved.world_size, self.info.world_size)
+            else:
+                self.backend.load(directory)
+            self.ema.load_state_dict(self.backend.pieces_of(ckpt.read_ema(directory)))
         log.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
+            "resumed from %s at step %d (epoch %d, batch %d) with %d workers (%d wrote it)",
             checkpoint.path,
             state.step,
             state.epoch,
             state.batches_in_epoch,
+            self.info.world_size,
+            saved.world_size,
         )
         self.tracker.log_metrics(state.step, {"resumed_at_step": float(state.step)})
         self.tracker.log_text(f"{checkpoint.path}\n", f"resumes/step_{state.step:08d}.txt")
@@ -201,9 +209,12 @@ class RunEvents:
         # Every report carries the validation metrics, so Tune's scheduler sees them at each one.
         report = {"step": state.step, **{k: v for k, v in self.last_metrics.items() if k.startswith(("loss", "val_"))}}
         if due.checkpoint:
+            # collectives: the EMA and (elastic runs) the optimizer gathered whole onto rank 0
+            ema = self.backend.gather(self.ema.shadow)
+            whole = self.backend.whole_state() if self.elastic else None
             with tempfile.TemporaryDirectory(prefix="ecar-ckpt-") as directory:
                 self.backend.save(Path(directory))
-                ckpt.save_local(Path(directory), state, self.ema.state_dict(), self.info, self.config, self.rank)
+                ckpt.save_local(Path(directory), state, ema, whole, self.info, self.config, self.rank)
                 ray.train.report(
                     report,
                     checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -288,6 +299,7 @@ def fit(
 
     from ecar.progress import training_progress
     from ecar.tracking import resolve_tracking_uri
+    from ecar.train.streams import StreamSplit, datasets_for, stream_count
     from ecar.train.tracking import finish_run, open_run
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
@@ -301,9 +313,10 @@ def fit(
     if train.use_gpu:
         resources["GPU"] = 1
     options = ray.train.DataConfig.default_ingest_options()
-    # Block order, and so each worker's split, is then a function of the data alone: a replayed
+    # Block order, and so each stream's rows, is then a function of the data alone: a replayed
     # epoch after a restart sees the same batches.
     options.preserve_order = True
+    low, high = worker_bounds(train)
     storage_path, filesystem = storage.ray_storage(storage.join(config.storage.root, "runs"), config.storage)
     trainer = TorchTrainer(
         train_worker,
@@ -315,7 +328,7 @@ def fit(
             "export_uri": export_uri(config, name),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+            num_workers=(low, high) if low < high else high, use_gpu=train.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -326,12 +339,12 @@ def fit(
             worker_runtime_env={"env_vars": worker_env(config)} if worker_env(config) else None,
             callbacks=callbacks,
         ),
-        datasets={DATASET_NAME: dataset},
-        dataset_config=ray.train.DataConfig(execution_options=options),
+        datasets=datasets_for(dataset, train),
+        dataset_config=StreamSplit(stream_count(train), options),
     )
     log.info(
-        "starting %d training worker(s) (Ray Train, DeepSpeed ZeRO-%d, %g CPU each) for %d steps",
-        train.num_workers,
+        "starting %s training worker(s) (Ray Train, DeepSpeed ZeRO-%d, %g CPU each) for %d steps",
+        f"{low}-{high}" if low < high else high,
         train.zero_stage,
         train.cpus_per_worker,
         train.steps,

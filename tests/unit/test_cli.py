@@ -80,3 +80,24 @@ def test_train_refuses_a_run_name_that_is_not_one_folder_before_anything_starts(
     assert code == 2
     assert "run name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    "workers, message",
+    [("x", "--workers 'x': expected a count"), ("4-", "--workers '4-'"), ("3-8", "train.min_workers: 3 does not")],
+)
+def test_train_refuses_bad_worker_bounds_before_anything_starts(workers, message, tmp_path, capsys):
+    from jobs.train import main
+
+    code = main(["--preset", "ecar-b", "--output", str(tmp_path), "--name", "a", "--workers", workers])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_workers_bounds_set_the_elastic_config():
+    from jobs.train import resolve_config
+
+    assert resolve_config("ecar-b", [], None, None, "4-8").train.min_workers == 4
+    fixed = resolve_config("ecar-b", [], None, None, "8").train
+    assert (fixed.min_workers, fixed.num_workers) == (0, 8)

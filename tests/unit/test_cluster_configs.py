@@ -119,6 +119,27 @@ def test_kuberay_manifests_match_the_crd_subset(name):
         assert group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
 
 
+def test_the_rayjobs_elastic_worker_bounds_are_whole_gpu_pods_and_a_valid_config():
+    """The training job's --workers MIN-MAX is what the GPU pool's pod bounds hold, and the
+    preset accepts it as an elastic run."""
+    from jobs.train import resolve_config
+
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-train.yaml").read_text())
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    (pool,) = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
+    gpus = int(pool["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    words = shlex.split(job["spec"]["entrypoint"])
+    workers = words[words.index("--workers") + 1]
+    assert workers == f"{pool['minReplicas'] * gpus}-{pool['maxReplicas'] * gpus}"
+    train = resolve_config(words[words.index("--preset") + 1], [], None, None, workers).train
+    assert 0 < train.min_workers < train.num_workers
+
+
 def test_entrypoints_name_existing_jobs_and_presets_and_no_hyperparameters():
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-train.yaml").read_text())
     words = shlex.split(job["spec"]["entrypoint"])
