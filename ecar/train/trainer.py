@@ -64,10 +64,10 @@ def train_worker(arguments: dict[str, Any]) -> None:
 
     from ecar.data.reader import torch_batches
     from ecar.models import build_model
+    from ecar.tracking import RankZeroTracker
     from ecar.train.ema import EMA
     from ecar.train.engine import DeepSpeedBackend
     from ecar.train.loop import train
-    from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
     data = ManifestSummary.from_dict(arguments["data"])
@@ -78,6 +78,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
 
     tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
+    tracker.start_system_metrics()
     tracker.set_phase(
         "building the model and the DeepSpeed engine (a machine's first run also compiles "
         "DeepSpeed's CPU op: 1-2 minutes)"
@@ -181,7 +182,7 @@ class RunEvents:
         if due.preview:
             whole = self.backend.gather(self.ema.shadow)  # a collective: every rank takes part
             if self.preview is not None:
-                self.tracker.log_figure(self.preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
+                self.tracker.log_image(self.preview.figure(whole, state.step), "samples", state.step)
         if due.evaluate and self.validator is not None:
             values = self.validator(self.backend)  # a collective under ZeRO-3: every rank takes part
             self.last_metrics.update(values)
@@ -202,7 +203,8 @@ class RunEvents:
         self.memory.reset()
 
     def finish(self, state: Any) -> None:
-        """Peak memory to MLflow, then the consolidated EMA weights exported by rank 0."""
+        """Peak memory to MLflow (beside the system metrics, which stop here), then the
+        consolidated EMA weights exported by rank 0."""
         from ecar.export import save_exported
         from ecar.models import build_model
 
@@ -210,6 +212,7 @@ class RunEvents:
         self.tracker.log_metrics(
             state.step, self.memory.metrics(device, self.backend.state_bytes(list(self.ema.shadow.values())))
         )
+        self.tracker.close()
         whole = self.backend.gather(self.ema.shadow)
         if self.rank == 0:
             full = build_model(self.config).state_dict()
@@ -235,6 +238,7 @@ class FitResult:
     mlflow_run_id: str
     checkpoint_uri: str | None
     metrics: dict[str, Any]
+    model_uri: str = ""  # the registered model version of the export (models:/NAME/VERSION)
 
 
 def worker_env(config: Config) -> dict[str, str]:
@@ -262,19 +266,25 @@ def fit(
     A run whose name already has checkpoints under the storage root resumes from the latest one
     and keeps its MLflow run. Ray must already be initialised. `parent_run_id` makes the MLflow
     run a child (a sweep's trial); `callbacks` go to Ray Train's RunConfig (e.g. Tune's
-    TuneReportCallback, which forwards every `ray.train.report` to the trial).
+    TuneReportCallback, which forwards every `ray.train.report` to the trial). The export
+    becomes the next version of the config's registered model (`ecar.tracking.register_export`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from ecar.progress import training_progress
-    from ecar.tracking import resolve_tracking_uri
-    from ecar.train.tracking import finish_run, open_run
+    from ecar.tracking import finish_run, open_run, register_export, resolve_tracking_uri
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     config = storage.with_absolute_root(config)
     mlflow_run_id, resumed = open_run(
-        config, tracking_uri, name, source.manifest_uri, run_uri(config, name), parent_run_id=parent_run_id, tags=tags
+        config,
+        tracking_uri,
+        name,
+        "train",
+        tags={"manifest_uri": source.manifest_uri, "run_uri": run_uri(config, name), **(tags or {})},
+        parent_run_id=parent_run_id,
+        note=f"E-CAR training run {name} ({config.preset})",
     )
     log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
     train = config.train
@@ -317,14 +327,16 @@ def fit(
         train.cpus_per_worker,
         train.steps,
     )
+    uri = export_uri(config, name)
     try:
         with training_progress(tracking_uri, mlflow_run_id, train.steps, f"train {name}"):
             result = trainer.fit()
+        registered = register_export(tracking_uri, mlflow_run_id, uri, config)
     except BaseException:
-        finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
+        finish_run(tracking_uri, mlflow_run_id, status="FAILED")
         raise
-    uri = export_uri(config, name)
-    finish_run(tracking_uri, mlflow_run_id, uri)
+    log.info("registered the export as %s", registered.model_uri)
+    finish_run(tracking_uri, mlflow_run_id, export_uri=uri)
     return FitResult(
         name=name,
         run_uri=run_uri(config, name),
@@ -332,4 +344,5 @@ def fit(
         mlflow_run_id=mlflow_run_id,
         checkpoint_uri=result.checkpoint.path if result.checkpoint else None,
         metrics=dict(result.metrics or {}),
+        model_uri=registered.model_uri,
     )
