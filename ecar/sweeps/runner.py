@@ -7,8 +7,12 @@ held-out flow loss (`val_loss`, per stage `val_loss_stageS`) at every `train.eva
 and at checkpoints; ASHA stops trials whose validation loss trails at a rung. A finished trial
 then gets its sampling FLOPs per image and, with `fid_images`, a small FID.
 
-Sampling sweeps: each trial samples from one exported checkpoint with its own steps per stage
-or guidance schedule and scores the images (FID, precision/recall, FLOPs, latency).
+Each training trial's export is a version of the registered model (`ecar.tracking`); with
+`alias`, the best trial's version gets that alias (e.g. `champion`).
+
+Sampling sweeps: each trial samples from one exported checkpoint (a path or `models:/...`) with
+its own steps per stage or guidance schedule and scores the images (FID, precision/recall,
+FLOPs, latency), logged as metrics of the checkpoint's registered model too.
 
 When trials run in parallel against the embedded SQLite store, an `mlflow server` on 127.0.0.1
 is started over that store for the sweep's duration (SQLite alone races with several writers).

@@ -38,6 +38,7 @@ def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(
         overrides=(f"storage.root={s3_prefix}", "train.min_lr=0"),
         tracking_uri=mlflow_server,
         report_dir=str(tmp_path / "report"),
+        alias="sweep-best",
     )
     result = run_sweep(SWEEP, options)
 
@@ -65,6 +66,9 @@ def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(
         assert child.data.metrics["sampling_gflops"] > 0
     good = next(c for c in children if c.data.params["train.lr"] == str(GOOD_LR))
     assert good.data.metrics["val_loss"] < client.get_metric_history(good.info.run_id, "val_loss")[0].value
+    # the sweep's alias points at the model version the best trial exported
+    assert client.get_model_version_by_alias("ecar-debug", "sweep-best").run_id == good.info.run_id
+    assert parent.data.tags["ecar.job"] == "tune" and all(c.data.tags["ecar.job"] == "train" for c in children)
 
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert artifacts == {"report/report.md", "report/report.csv", "report/pareto.png"}
