@@ -22,6 +22,7 @@ from ecar import storage
 from ecar.config import USER_ERRORS, Config
 from ecar.log import get_logger
 from ecar.presets import get_config
+from ecar.tracking import redact
 
 log = get_logger("ecar.jobs.quickstart")
 
@@ -171,7 +172,7 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     manifest = read_manifest(latents_uri, config.storage)
     return {
         "root": root,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact(tracking_uri),
         "mlflow_run_id": result.mlflow_run_id,
         "model_uri": result.model_uri,
         "export_uri": result.export_uri,

@@ -197,10 +197,12 @@ def _check_tracking_reach(tracking_uri: str) -> None:
     loopback): a multi-node cluster needs a tracking server every node reaches."""
     import ray
 
+    from ecar.tracking import redact
+
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) > 1 and not tracking_uri.startswith(("http://", "https://")):
         raise ConfigError(
-            f"tracking.tracking_uri: {tracking_uri} lives on this machine, but the Ray cluster has "
+            f"tracking.tracking_uri: {redact(tracking_uri)} lives on this machine, but the Ray cluster has "
             f"{len(nodes)} nodes; set MLFLOW_TRACKING_URI or tracking.tracking_uri to an MLflow server"
         )
 

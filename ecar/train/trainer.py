@@ -273,7 +273,7 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     from ecar.progress import training_progress
-    from ecar.tracking import finish_run, open_run, register_export, resolve_tracking_uri
+    from ecar.tracking import finish_run, open_run, redact, register_export, resolve_tracking_uri
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     config = storage.with_absolute_root(config)
@@ -286,7 +286,7 @@ def fit(
         parent_run_id=parent_run_id,
         note=f"E-CAR training run {name} ({config.preset})",
     )
-    log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
+    log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, redact(tracking_uri))
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:

@@ -189,3 +189,33 @@ def test_the_mlflow_cli_lists_the_runs_of_an_experiment(trained, mlflow_server):
     )
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert trained[0] in listed.stdout
+
+
+@pytest.mark.timeout(900)
+def test_tokenizer_training_logs_its_loss_per_step_and_a_reconstruction_grid(ray_cluster, mlflow_server, tmp_path):
+    from ecar.data.prepare import prepare_images
+    from ecar.presets import get_config
+    from ecar.train.tokenizer import train_tokenizer
+
+    config = get_config(
+        "ecar-debug",
+        {
+            "tokenizer.steps": 12,
+            "tokenizer.batch_size": 8,
+            "tokenizer.eval_images": 8,
+            "tokenizer.fid_images": 0,
+            "tokenizer.cpus_per_worker": 0.5,
+            "tracking.experiment_name": EXPERIMENT,
+        },
+    )
+    images = str(tmp_path / "images")
+    prepare_images(config, images, limit_per_split=16)
+    train_tokenizer(config, images, str(tmp_path / "tokenizer"), eval_split="test", tracking_uri=mlflow_server)
+
+    client = _client(mlflow_server)
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    (run,) = client.search_runs([experiment], "tags.`ecar.job` = 'train-tokenizer'")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 13))
+    assert run.data.metrics["psnr"] > 0 and "tokenizer.steps" in run.data.params and "train.lr" not in run.data.params
+    assert list(logged_images(mlflow_server, run.info.run_id, "reconstructions")) == [12]
