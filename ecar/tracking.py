@@ -143,13 +143,14 @@ def _selected(key: str, sections: tuple[str, ...]) -> bool:
     return any(key == section or key.startswith(section + ".") for section in sections)
 
 
+def _param(value: Any) -> str:
+    """A param's text: lists and mappings as JSON, credentials redacted."""
+    return redact(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+
+
 def config_params(config: Config, sections: tuple[str, ...]) -> dict[str, str]:
-    """The flattened config keys under `sections`, as MLflow param strings (credentials redacted)."""
-    return {
-        key: redact(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-        for key, value in config.flat().items()
-        if _selected(key, sections)
-    }
+    """The flattened config keys under `sections`, as MLflow param strings."""
+    return {key: _param(value) for key, value in config.flat().items() if _selected(key, sections)}
 
 
 def config_text(config: Config, sections: tuple[str, ...]) -> str:
@@ -202,7 +203,7 @@ def open_run(
         experiment, run_name=name, tags={key: redact(str(value)) for key, value in all_tags.items()}
     ).info.run_id
     sections = JOB_SECTIONS[job]
-    values = config_params(config, sections) if params is None else {k: redact(str(v)) for k, v in params.items()}
+    values = config_params(config, sections) if params is None else {k: _param(v) for k, v in params.items()}
     entries = [Param(key, value) for key, value in values.items()]
     for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
         mlflow_client.log_batch(run_id, params=entries[start : start + 100])

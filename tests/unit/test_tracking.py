@@ -98,3 +98,29 @@ def test_reconstruction_grid_puts_originals_above_reconstructions():
         rows.setdefault(round(ax.get_position().y0, 3), []).append(float(ax.images[0].get_array().mean()))
     top, bottom = (rows[y] for y in sorted(rows, reverse=True))
     assert top == [0.0] * 3 and bottom == [1.0] * 3  # black originals on top, white reconstructions below
+
+
+def test_an_export_registered_in_the_embedded_store_resolves_by_version_and_alias(tmp_path):
+    from ecar.export import save_exported
+    from ecar.models import build_model
+    from ecar.tracking import register_export, resolve_export, set_alias
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = get_config("ecar-debug", ["tracking.experiment_name=unit"])
+    run_id, _ = open_run(config, uri, "a", "train")
+    export = str(tmp_path / "export")
+    torch.manual_seed(0)
+    save_exported(build_model(config).state_dict(), config, export, latent_scale=0.5, step=3)
+    registered = register_export(uri, run_id, export, config)
+    assert registered.model_uri == "models:/ecar-debug/1" and registered.run_id == run_id
+    assert set_alias(uri, registered.model_uri, "champion").model_uri == registered.model_uri
+    for name in ("models:/ecar-debug/1", "models:/ecar-debug@champion"):
+        assert resolve_export(name, uri) == registered
+    with pytest.raises(ValueError, match="has no version 2 \\(latest: 1\\)"):
+        resolve_export("models:/ecar-debug/2", uri)
+    with pytest.raises(ValueError, match="alias 'v1'"):
+        set_alias(uri, registered.model_uri, "v1")  # MLflow reserves v<N> for versions
+    # an export replaced after registration no longer passes for the registered model
+    save_exported(build_model(config).state_dict(), config, export, latent_scale=0.5, step=4)
+    with pytest.raises(ValueError, match="replaced after registration"):
+        resolve_export("models:/ecar-debug@champion", uri)
