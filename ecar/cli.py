@@ -80,6 +80,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alias(args: argparse.Namespace) -> int:
+    from ecar.config import Config
+    from ecar.tracking import resolve_tracking_uri, set_alias
+
+    tracking_uri = args.tracking_uri or resolve_tracking_uri(Config())
+    registered = set_alias(tracking_uri, args.model, args.alias)
+    name = registered.model_uri.removeprefix("models:/").rsplit("/", 1)[0]
+    print(
+        f"models:/{name}@{args.alias} -> {registered.model_uri} "
+        f"(training run {registered.run_id}, export {registered.export_uri})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecar",
@@ -121,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Pareto plot of quality against sampling FLOPs; a sweep's report is also logged to its "
         "parent run.",
         epilog="example: ecar report stages-20261129-061500 --metric fid\n"
-        "         ecar report --experiment ecar --metric eval/fid",
+        "         ecar report --experiment ecar --metric fid",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("target", nargs="?", help="a sweep run's name (ecar tune --name) or an experiment's name")
@@ -136,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--flops-metric", default="sampling_gflops")
     report.add_argument("--output", default="outputs/report", help="folder for report.md/.csv/pareto.png")
     report.set_defaults(run=_report)
+
+    alias = commands.add_parser(
+        "alias",
+        help="point an alias of a registered model (e.g. champion) at one of its versions",
+        description="Every training run's export is a version of a registered model (tracking.registered_model, "
+        "default: the preset's name). Point an alias at a version; `ecar sample --checkpoint "
+        "models:/NAME@ALIAS` then samples it.",
+        epilog="example: ecar alias models:/ecar-fmnist/3 champion\n"
+        "         ecar alias models:/ecar-fmnist@candidate champion   # champion -> candidate's version",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    alias.add_argument("model", help="models:/NAME/VERSION, or models:/NAME@OTHER_ALIAS for that alias's version")
+    alias.add_argument("alias", help="the alias to set, e.g. champion")
+    alias.add_argument(
+        "--tracking-uri",
+        help="default: MLFLOW_TRACKING_URI, else the embedded store outputs/mlflow.db",
+    )
+    alias.set_defaults(run=_alias)
 
     for name, (module, summary) in JOB_COMMANDS.items():
         job = commands.add_parser(name, help=summary, add_help=False, prefix_chars="\0")

@@ -207,6 +207,7 @@ class StorageConfig:
 class TrackingConfig:
     tracking_uri: str = ""  # empty: an absolute sqlite:// store under the storage root
     experiment_name: str = "ecar"
+    registered_model: str = ""  # the registered model exports become versions of (empty: the preset's name)
 
 
 @dataclass(frozen=True)

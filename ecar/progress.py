@@ -145,20 +145,20 @@ def training_progress(
     if mode() == "off" or not run_id:
         yield
         return
-    from mlflow.tracking import MlflowClient
+    from ecar.tracking import PHASE_TAG, client
 
-    client = MlflowClient(tracking_uri)
+    mlflow_client = client(tracking_uri)
 
     def read() -> tuple[int, dict[str, float]] | None:
-        history = client.get_metric_history(run_id, "loss")
+        history = mlflow_client.get_metric_history(run_id, "loss")
         if not history:
             return None
         latest = max(history, key=lambda m: m.step)
         return latest.step, {"loss": latest.value}
 
     def status() -> str:
-        # rank 0 sets the phase tag (ecar.train.tracking.RankZeroTracker.set_phase)
-        return client.get_run(run_id).data.tags.get("ecar.phase") or "starting the training workers (Ray Train)"
+        # rank 0 sets the phase tag (ecar.tracking.RankZeroTracker.set_phase)
+        return mlflow_client.get_run(run_id).data.tags.get(PHASE_TAG) or "starting the training workers (Ray Train)"
 
     with _polled(total_steps, desc, "steps", read, every_s, status):
         yield

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ecar.tracking import MODEL_URI_TAG
+
 QUALITY_DEFAULT = "val_loss"
 FLOPS_DEFAULT = "sampling_gflops"
 
@@ -26,15 +28,10 @@ class Report:
 
 
 def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = None) -> pd.DataFrame:
-    import mlflow
+    from ecar.tracking import search_runs
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
-    mlflow.set_tracking_uri(tracking_uri)
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
-    runs = mlflow.search_runs(experiment_ids=[found.experiment_id], filter_string=query)
+    runs = search_runs(tracking_uri, experiment, query)
     if runs.empty:
         where = f"under parent run {parent_run_id}" if parent_run_id else f"in experiment {experiment!r}"
         raise ValueError(f"no runs {where}")
@@ -44,18 +41,18 @@ def load_runs(tracking_uri: str, experiment: str, parent_run_id: str | None = No
 def resolve_target(tracking_uri: str, target: str) -> tuple[str, str | None]:
     """(experiment name, parent run id or None) for `ecar report TARGET`: a sweep run's name
     (the parent run tagged ecar.sweep_run=TARGET), else an experiment's name."""
-    import mlflow
+    from ecar.tracking import client, redact
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    experiments = client.search_experiments()
+    mlflow_client = client(tracking_uri)
+    experiments = mlflow_client.search_experiments()
     if experiments:
-        found = client.search_runs(
+        found = mlflow_client.search_runs(
             [e.experiment_id for e in experiments], filter_string=f"tags.`ecar.sweep_run` = '{target}'", max_results=1
         )
         if found:
-            return client.get_experiment(found[0].info.experiment_id).name, found[0].info.run_id
-    if client.get_experiment_by_name(target) is None:
-        raise ValueError(f"{target!r} is neither a sweep run nor an experiment at {tracking_uri}")
+            return mlflow_client.get_experiment(found[0].info.experiment_id).name, found[0].info.run_id
+    if mlflow_client.get_experiment_by_name(target) is None:
+        raise ValueError(f"{target!r} is neither a sweep run nor an experiment at {redact(tracking_uri)}")
     return target, None
 
 
@@ -93,13 +90,16 @@ def build_report(
     varied = [c for c in params if runs[c].nunique(dropna=False) > 1]
     columns = ["run_id", "tags.mlflow.runName", "status", quality_column]
     columns += [flops_column] if flops_column in runs else []
-    # how far a sweep's trial got (ASHA stops some early)
-    columns += [c for c in ("metrics.steps_trained",) if c in runs and c not in columns]
+    # how far a sweep's trial got (ASHA stops some early); the model version its export became
+    columns += [c for c in ("metrics.steps_trained", f"tags.{MODEL_URI_TAG}") if c in runs and c not in columns]
     table = runs[columns + varied].copy()
     table = table.sort_values(quality_column, ascending=mode == "min", na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     table.columns = [
-        c.removeprefix("metrics.").removeprefix("params.").removeprefix("tags.mlflow.") for c in table.columns
+        "model"
+        if c == f"tags.{MODEL_URI_TAG}"
+        else c.removeprefix("metrics.").removeprefix("params.").removeprefix("tags.mlflow.")
+        for c in table.columns
     ]
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": output_dir / "report.csv", "markdown": output_dir / "report.md"}
@@ -141,9 +141,10 @@ def _plot(frame: pd.DataFrame, pareto: pd.DataFrame, quality: str, flops: str, p
 
 
 def log_report(tracking_uri: str, parent_run_id: str, report: Report) -> None:
-    """Attach the report files to the parent run."""
-    import mlflow
+    """Attach the report files to the parent run, and show the ranked table as its description."""
+    from ecar.tracking import client, set_tags
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    mlflow_client = client(tracking_uri)
     for path in report.files.values():
-        client.log_artifact(parent_run_id, str(path), artifact_path="report")
+        mlflow_client.log_artifact(parent_run_id, str(path), artifact_path="report")
+    set_tags(tracking_uri, parent_run_id, {"mlflow.note.content": report.markdown})

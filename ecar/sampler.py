@@ -180,8 +180,10 @@ def sample_to_storage(
     actors: int = 1,
     cpus_per_actor: float = 1.0,
     decoder_factory: Callable[[Exported, torch.device], Decoder | None] | None = tokenizer_decoder,
+    model_uri: str = "",
 ) -> dict[str, Any]:
     """Generate `num_images` images into `output_uri` (shards + manifest.json); returns the manifest.
+    `model_uri` (models:/NAME/VERSION) records which registered model version the export is.
 
     Shards already on storage are kept, so a re-run after a failure fills only what is missing.
     """
@@ -242,6 +244,7 @@ def sample_to_storage(
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "checkpoint_uri": checkpoint_uri,
+        "model_uri": model_uri,
         **identity,
         "steps_per_stage": list(config.flow.steps_per_stage),
         "sampling": dataclasses.asdict(config.sampling),
@@ -257,12 +260,17 @@ def shard_keys(uri: str) -> set[str]:
         return set(data.files)
 
 
-def read_samples(output_uri: str, key: str = "images") -> dict[str, np.ndarray]:
-    """All shards of a finished sampling run, concatenated in index order."""
+def read_samples(output_uri: str, key: str = "images", limit: int | None = None) -> dict[str, np.ndarray]:
+    """The shards of a finished sampling run, concatenated in index order: all of them, or the
+    first ones that hold `limit` images (and only those images)."""
     manifest = json.loads(storage.read_text(storage.join(output_uri, "manifest.json")))
     parts: dict[str, list[np.ndarray]] = {}
-    for shard in manifest["shards"]:
+    shards = manifest["shards"]
+    if limit is not None:
+        ends = np.cumsum([shard["count"] for shard in shards])
+        shards = shards[: int(np.searchsorted(ends, limit)) + 1]
+    for shard in shards:
         with np.load(io.BytesIO(storage.read_bytes(storage.join(output_uri, "shards", shard["name"])))) as data:
             for name in ("index", "label", "seed", key):
                 parts.setdefault(name, []).append(data[name])
-    return {name: np.concatenate(values) for name, values in parts.items()}
+    return {name: np.concatenate(values)[:limit] for name, values in parts.items()}

@@ -38,20 +38,15 @@ def run(
 
 
 def log_to_mlflow(config: Config, job: str, input_uri: str, output_uri: str, metrics: dict[str, float]) -> str:
-    """One MLflow run for a finished data job: params = the flattened config, the job's figures
-    as metrics, the output URI as a tag. Returns the run id."""
-    import time
+    """One MLflow run for a finished data job: the config sections the job reads as params, its
+    figures as metrics, the input and output URIs as tags. Returns the run id."""
     import uuid
 
-    from mlflow.entities import Metric
-
-    from ecar.tracking import resolve_tracking_uri
-    from ecar.train.tracking import _client, finish_run, open_run
+    from ecar.tracking import finish_run, log_metrics, open_run, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(config)
-    run_id, _ = open_run(config, tracking_uri, f"{job}-{uuid.uuid4().hex[:8]}", input_uri, output_uri)
-    now = int(time.time() * 1000)
-    numbers = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
-    _client(tracking_uri).log_batch(run_id, metrics=numbers)
-    finish_run(tracking_uri, run_id, output_uri)
+    tags = {"input_uri": input_uri, "output_uri": output_uri}
+    run_id, _ = open_run(config, tracking_uri, f"{job}-{uuid.uuid4().hex[:8]}", job, tags=tags)
+    log_metrics(tracking_uri, run_id, metrics)
+    finish_run(tracking_uri, run_id)
     return run_id

@@ -22,6 +22,7 @@ from ecar import storage
 from ecar.config import USER_ERRORS, Config
 from ecar.log import get_logger
 from ecar.presets import get_config
+from ecar.tracking import redact
 
 log = get_logger("ecar.jobs.quickstart")
 
@@ -101,18 +102,9 @@ def quickstart_config(storage_root: str, scale: Scale, overrides: list[str]) -> 
     return config.override(overrides) if overrides else config
 
 
-def save_grid(samples_uri: str, uri: str, class_names: list[str], count: int = 30) -> str:
-    """A PNG of the first `count` samples, labelled by class."""
+def save_figure(figure, uri: str) -> str:
     import io
 
-    import torch
-
-    from ecar.sampler import read_samples
-    from ecar.train.tracking import sample_grid
-
-    samples = read_samples(samples_uri, "images")
-    images = torch.from_numpy(samples["images"][:count]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    figure = sample_grid(images, torch.from_numpy(samples["label"][:count]), "E-CAR samples (EMA)", class_names)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     storage.write_bytes_atomic(uri, buffer.getvalue())
@@ -126,8 +118,9 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     from ecar.evaluation.evaluate import evaluate_samples, log_evaluation
     from ecar.runtime import init_ray
     from ecar.sampler import sample_to_storage
-    from ecar.tracking import resolve_tracking_uri
+    from ecar.tracking import resolve_export, resolve_tracking_uri
     from ecar.train.tokenizer import train_tokenizer
+    from jobs.evaluate import samples_figure
     from jobs.train import train_job
 
     root = config.storage.root
@@ -145,7 +138,7 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
     prepare_images(config, images_uri, limit_per_split=scale.images_per_split)
     step("train-tokenizer")
     if not storage.exists(storage.join(tokenizer_uri, "tokenizer.json"), config.storage):
-        train_tokenizer(config, images_uri, tokenizer_uri)
+        train_tokenizer(config, images_uri, tokenizer_uri, tracking_uri=tracking_uri)
     config = config.override({"tokenizer.checkpoint_uri": tokenizer_uri, "data.manifest_uri": latents_uri})
     step("encode")
     if not storage.exists(storage.join(latents_uri, "manifest.json"), config.storage):
@@ -160,8 +153,10 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
         shard_size=max(16, scale.samples // 4),
         batch_size=50,
         cpus_per_actor=1.0,
+        model_uri=result.model_uri,
     )
-    grid_path = save_grid(samples_uri, storage.join(root, "samples.png"), read_manifest(latents_uri)["class_names"])
+    grid = samples_figure(samples_uri, read_manifest(latents_uri)["class_names"], count=30)
+    grid_path = save_figure(grid, storage.join(root, "samples.png"))
     step("evaluate")
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # our own local cluster is done: its idle processes would skew the latency timing
@@ -169,15 +164,17 @@ def run(config: Config, scale: Scale, address: str | None) -> dict:
 
         ray.shutdown()
     metrics = evaluate_samples(samples_uri, latents_uri, "test", 0, scale.latency_batches)
-    log_evaluation(metrics, config, tracking_uri, result.mlflow_run_id)
+    model = resolve_export(result.model_uri, tracking_uri)
+    log_evaluation(metrics, config, tracking_uri, model, config.train.steps, grid=grid)
     timings["end"] = time.perf_counter()
     names = list(timings)
     durations = {names[i]: round(timings[names[i + 1]] - timings[names[i]], 1) for i in range(len(names) - 1)}
     manifest = read_manifest(latents_uri, config.storage)
     return {
         "root": root,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact(tracking_uri),
         "mlflow_run_id": result.mlflow_run_id,
+        "model_uri": result.model_uri,
         "export_uri": result.export_uri,
         "samples_uri": samples_uri,
         "sample_grid": grid_path,

@@ -3,7 +3,8 @@
     python -m jobs.train --preset ecar-fmnist --manifest s3://bucket/latents \\
         --output s3://bucket/ecar --name fmnist-a train.zero_stage=3 train.lr=1e-4
 
-Checkpoints go to OUTPUT/runs/NAME/, the exported EMA weights to OUTPUT/runs/NAME/export.
+Checkpoints go to OUTPUT/runs/NAME/, the exported EMA weights to OUTPUT/runs/NAME/export, which
+becomes the next version of the registered model PRESET (`tracking.registered_model` to choose).
 Re-running with the same --output and --name resumes from the latest checkpoint.
 """
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"run {result.name}: {result.metrics.get('step', '?')} steps; checkpoint {result.checkpoint_uri}; "
-        f"exported EMA {result.export_uri}; MLflow run {result.mlflow_run_id}"
+        f"exported EMA {result.export_uri} (registered as {result.model_uri}); MLflow run {result.mlflow_run_id}"
     )
     return 0
 

@@ -1,5 +1,6 @@
 """Train the KL-VAE tokenizer on prepared image shards with Ray Train; report PSNR and
-reconstruction FID on the test split; write tokenizer.safetensors + tokenizer.json.
+reconstruction FID on the test split; write tokenizer.safetensors + tokenizer.json. The MLflow
+run gets the loss at every step and a grid of test images above their reconstructions.
 
     python -m jobs.train_tokenizer --preset ecar-fmnist --images outputs/fmnist/images \
         --output outputs/fmnist/tokenizer tokenizer.steps=1200
@@ -13,11 +14,12 @@ import sys
 from ecar import storage
 from ecar.config import Config
 from ecar.runtime import init_ray
-from jobs._common import base_parser, log_to_mlflow, run
+from jobs._common import base_parser, run
 
 
 def work(args: argparse.Namespace, config: Config) -> str:
     from ecar.data.prepare import read_images_manifest
+    from ecar.tracking import resolve_tracking_uri
     from ecar.train.tokenizer import check_output_free, train_tokenizer
 
     images = args.images or config.data.images_uri
@@ -29,10 +31,9 @@ def work(args: argparse.Namespace, config: Config) -> str:
     check_output_free(output, config.storage)
     read_images_manifest(images, config)  # fail before Ray starts
     init_ray(args.address)
-    description = train_tokenizer(config, images, output, eval_split=args.eval_split)
+    tracking_uri = "" if args.no_track else resolve_tracking_uri(config)
+    description = train_tokenizer(config, images, output, eval_split=args.eval_split, tracking_uri=tracking_uri)
     metrics = description["metrics"]
-    if not args.no_track:
-        log_to_mlflow(config, "tokenizer", images, output, metrics)
     fid = f", rFID {metrics['rfid']:.2f}" if "rfid" in metrics else ""
     return (
         f"tokenizer in {output}: PSNR {metrics['psnr']:.2f} dB{fid}"

@@ -3,11 +3,13 @@
     python -m jobs.tune stages --manifest outputs/quickstart/latents --output outputs/sweeps \\
         --fid-images 500 --max-concurrent-trials 1 train.steps=300
     python -m jobs.tune steps --checkpoint outputs/quickstart/runs/quickstart/export --fid-images 500
+    python -m jobs.tune stages --manifest outputs/quickstart/latents --fid-images 500 --alias champion
     python -m jobs.tune lr --smoke-test                  # ecar-debug, 2 trials, a few steps
 
 Training sweeps (stages, windows, conditioning, lr) train one model per trial with ASHA early
 stopping on the held-out flow loss; sampling sweeps (steps, guidance) score one checkpoint's
-samples per schedule. Re-running with the same --name resumes the sweep.
+samples per schedule. Re-running with the same --name resumes the sweep. Every training trial's
+export is a version of a registered model; --alias points an alias at the best trial's version.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--manifest", default="", help="training sweeps: the latent data set (default: data.manifest_uri)"
     )
-    parser.add_argument("--checkpoint", default="", help="sampling sweeps: an exported checkpoint (runs/NAME/export)")
+    parser.add_argument(
+        "--checkpoint",
+        default="",
+        help="sampling sweeps: an exported checkpoint (runs/NAME/export, or models:/NAME/VERSION, models:/NAME@ALIAS)",
+    )
     parser.add_argument("--output", default="", help="storage root for runs and Tune state (default: storage.root)")
     parser.add_argument(
         "--name", default="", help="the sweep run's name; the same name resumes (default: SWEEP-TIMESTAMP)"
@@ -62,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling sweeps: also time generation at these batch sizes",
     )
     parser.add_argument("--report-dir", default="", help="where report.md/.csv/pareto.png go")
+    parser.add_argument(
+        "--alias",
+        default="",
+        help="training sweeps: point this alias (e.g. champion) at the model version of the trial best by the "
+        "sweep's metric",
+    )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     parser.add_argument(
         "--tracking-uri", default="", help="MLflow tracking URI (default: the config's, else the embedded store)"
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             address=args.address,
             tracking_uri=args.tracking_uri,
             report_dir=args.report_dir,
+            alias=args.alias,
         )
         result = run_sweep(sweep, options)
     except USER_ERRORS as error:
@@ -112,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": result.report_files,
         "trials": {s: sum(t["status"] == s for t in result.trials) for s in ("FINISHED", "KILLED", "FAILED")},
         "best_trial": result.best.get("trial_id"),
+        "best_model": result.best.get("model_uri"),
         f"best_{sweep.metric}": result.best.get(sweep.metric),
     }
     print(json.dumps(summary, indent=2))

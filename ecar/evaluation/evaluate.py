@@ -15,6 +15,7 @@ import io
 import json
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from ecar.evaluation.manifold import precision_recall
 from ecar.export import load_exported
 from ecar.log import get_logger
 from ecar.sampler import read_samples, sampling_config
+from ecar.tracking import RegisteredExport
 
 log = get_logger(__name__)
 
@@ -212,7 +214,13 @@ def evaluate_samples(
         exported.model,
         latency_batches,
     )
-    metrics.update({"checkpoint_uri": samples_manifest["checkpoint_uri"], "samples_uri": samples_uri})
+    metrics.update(
+        {
+            "checkpoint_uri": samples_manifest["checkpoint_uri"],
+            "model_uri": samples_manifest.get("model_uri", ""),
+            "samples_uri": samples_uri,
+        }
+    )
     return metrics
 
 
@@ -245,36 +253,42 @@ def evaluate_checkpoint(
     return metrics
 
 
-def log_evaluation(metrics: dict[str, Any], config: Config, tracking_uri: str, run_id: str = "") -> str:
-    """Log numeric metrics (prefixed `eval/`), the schedule and samples URI as tags: into the checkpoint's own
-    training run when its id is known and present on this tracking server, else into a new run
-    of the config's experiment tagged with the checkpoint. Returns the run id."""
-    import mlflow
+def log_evaluation(
+    metrics: dict[str, Any],
+    config: Config,
+    tracking_uri: str,
+    model: RegisteredExport,
+    step: int = 0,
+    grid=None,
+) -> str:
+    """Log the numeric metrics (one batch, at the export's training `step`), the schedule and
+    the samples URI as tags, and `grid` (a figure of samples) as the image `evaluation`: into
+    the training run of `model` when it is on this tracking server, else into a new `evaluate`
+    run. With a registered model the metrics are that model's too (its MLflow 3 logged model).
+    Returns the run id."""
+    from ecar.tracking import MODEL_URI_TAG, finish_run, log_image, log_metrics, open_run, redact, run_exists, set_tags
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if run_id:
-        try:
-            client.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
-            log.warning("training run %s is not on %s; logging to a new run", run_id, tracking_uri)
-            run_id = ""
+    run_id = model.run_id
+    if run_id and not run_exists(tracking_uri, run_id):
+        log.warning("training run %s is not on %s; logging to a new run", run_id, redact(tracking_uri))
+        run_id = ""
     created = not run_id
     if created:
-        experiment = client.get_experiment_by_name(config.tracking.experiment_name)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment_name)
-        )
-        run = client.create_run(
-            experiment_id,
-            run_name=f"evaluate-{config.preset}",
-            tags={"ecar.job": "evaluate", "ecar.checkpoint_uri": str(metrics["checkpoint_uri"])},
-        )
-        run_id = run.info.run_id
-    numbers = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    for key, value in numbers.items():
-        client.log_metric(run_id, key, value)
-    client.set_tag(run_id, "ecar.eval_samples_uri", str(metrics["samples_uri"]))
-    client.set_tag(run_id, "ecar.eval_schedule", f"steps {metrics['steps_per_stage']} cfg {metrics['cfg_scale']}")
+        tags = {"ecar.checkpoint_uri": str(metrics["checkpoint_uri"])}
+        if model.model_uri:
+            tags[MODEL_URI_TAG] = model.model_uri
+        run_id, _ = open_run(config, tracking_uri, f"evaluate-{uuid.uuid4().hex[:8]}", "evaluate", tags=tags)
+    log_metrics(tracking_uri, run_id, metrics, step, model_id=model.model_id or None)
+    set_tags(
+        tracking_uri,
+        run_id,
+        {
+            "ecar.eval_samples_uri": str(metrics["samples_uri"]),
+            "ecar.eval_schedule": f"steps {metrics['steps_per_stage']} cfg {metrics['cfg_scale']}",
+        },
+    )
+    if grid is not None:
+        log_image(tracking_uri, run_id, grid, "evaluation", step)
     if created:
-        client.set_terminated(run_id)
+        finish_run(tracking_uri, run_id)
     return run_id

@@ -7,8 +7,12 @@ held-out flow loss (`val_loss`, per stage `val_loss_stageS`) at every `train.eva
 and at checkpoints; ASHA stops trials whose validation loss trails at a rung. A finished trial
 then gets its sampling FLOPs per image and, with `fid_images`, a small FID.
 
-Sampling sweeps: each trial samples from one exported checkpoint with its own steps per stage
-or guidance schedule and scores the images (FID, precision/recall, FLOPs, latency).
+Each training trial's export is a version of the registered model (`ecar.tracking`); with
+`alias`, the best trial's version gets that alias (e.g. `champion`).
+
+Sampling sweeps: each trial samples from one exported checkpoint (a path or `models:/...`) with
+its own steps per stage or guidance schedule and scores the images (FID, precision/recall,
+FLOPs, latency), logged as metrics of the checkpoint's registered model too.
 
 When trials run in parallel against the embedded SQLite store, an `mlflow server` on 127.0.0.1
 is started over that store for the sweep's duration (SQLite alone races with several writers).
@@ -72,6 +76,7 @@ class SweepOptions:
     address: str | None = None
     tracking_uri: str = ""
     report_dir: str = ""  # default: STORAGE_ROOT/sweeps/NAME/report (local) or outputs/sweeps/NAME/report
+    alias: str = ""  # training sweeps: point this alias at the best trial's model version
 
 
 @dataclass
@@ -87,20 +92,6 @@ class SweepResult:
 
 
 # ----- inside a trial -------------------------------------------------------------------------
-def _log_child_metrics(tracking_uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    now = int(time.time() * 1000)
-    numbers = [
-        Metric(k, float(v), now, step)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    ]
-    if numbers:
-        MlflowClient(tracking_uri).log_batch(run_id, metrics=numbers)
-
-
 def training_trial(
     trial_space: dict[str, Any],
     *,
@@ -118,6 +109,7 @@ def training_trial(
 
     from ecar.data.reader import latent_dataset
     from ecar.evaluation.evaluate import evaluate_checkpoint, sampling_cost
+    from ecar.tracking import log_metrics
     from ecar.train.trainer import ManifestSummary, fit
 
     overrides = trial_overrides(trial_space)
@@ -143,65 +135,59 @@ def training_trial(
         quality = evaluate_checkpoint(result.export_uri, fid_images, split=config.data.val_split)
         final.update({k: quality[k] for k in ("fid", "precision", "recall", "fake_images")})
     final["steps_trained"] = config.train.steps
-    _log_child_metrics(tracking_uri, result.mlflow_run_id, final, config.train.steps)
+    log_metrics(tracking_uri, result.mlflow_run_id, final, config.train.steps)
     tune.report(final)
 
 
 def sampling_trial(
     trial_space: dict[str, Any],
     *,
-    checkpoint_uri: str,
+    base: dict[str, Any],
+    model: dict[str, str],
     tracking_uri: str,
-    experiment_id: str,
     parent_run_id: str,
     sweep_run: str,
     fid_images: int,
     latency_batches: tuple[int, ...],
     split: str,
 ) -> None:
-    """One sampling trial: `fid_images` images from the checkpoint under the trial's schedule,
-    scored and logged as a child run."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+    """One sampling trial: `fid_images` images from the checkpoint (`model`, an
+    `ecar.tracking.RegisteredExport` as a dict) under the trial's schedule, scored and logged as a
+    child run; with a registered model, the scores are also that model's metrics."""
     from ray import tune
 
     from ecar.evaluation.evaluate import evaluate_checkpoint
+    from ecar.tracking import RegisteredExport, finish_run, log_metrics, open_run
 
+    checkpoint = RegisteredExport(**model)
     overrides = trial_overrides(trial_space)
     items = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
     trial_id = tune.get_context().get_trial_id()
-    client = MlflowClient(tracking_uri)
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        max_results=1,
+    tags = {
+        "ecar.sweep": sweep_run,
+        TRIAL_TAG: trial_id,
+        "ecar.checkpoint_uri": checkpoint.export_uri,
+        "ecar.trial_overrides": json.dumps(overrides),
+    }
+    if checkpoint.model_uri:
+        tags["ecar.model_uri"] = checkpoint.model_uri
+    run_id, _ = open_run(
+        Config.from_dict(base).override(items),
+        tracking_uri,
+        f"{sweep_run}-{trial_id}",
+        "evaluate",
+        tags=tags,
+        parent_run_id=parent_run_id,
+        params=overrides,
     )
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = client.create_run(
-            experiment_id,
-            run_name=f"{sweep_run}-{trial_id}",
-            tags={
-                "mlflow.parentRunId": parent_run_id,
-                "ecar.sweep": sweep_run,
-                TRIAL_TAG: trial_id,
-                "ecar.checkpoint_uri": checkpoint_uri,
-                "ecar.trial_overrides": json.dumps(overrides),
-            },
-        ).info.run_id
-        client.log_batch(
-            run_id,
-            params=[Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in overrides.items()],
-        )
     try:
-        metrics = evaluate_checkpoint(checkpoint_uri, fid_images, items, split, latency_batches)
+        metrics = evaluate_checkpoint(checkpoint.export_uri, fid_images, items, split, latency_batches)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        finish_run(tracking_uri, run_id, status="FAILED")
         raise
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    _log_child_metrics(tracking_uri, run_id, numbers, 0)
-    client.set_terminated(run_id)
+    log_metrics(tracking_uri, run_id, numbers, 0, model_id=checkpoint.model_id or None)
+    finish_run(tracking_uri, run_id)
     tune.report(numbers)
 
 
@@ -211,10 +197,12 @@ def _check_tracking_reach(tracking_uri: str) -> None:
     loopback): a multi-node cluster needs a tracking server every node reaches."""
     import ray
 
+    from ecar.tracking import redact
+
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) > 1 and not tracking_uri.startswith(("http://", "https://")):
         raise ConfigError(
-            f"tracking.tracking_uri: {tracking_uri} lives on this machine, but the Ray cluster has "
+            f"tracking.tracking_uri: {redact(tracking_uri)} lives on this machine, but the Ray cluster has "
             f"{len(nodes)} nodes; set MLFLOW_TRACKING_URI or tracking.tracking_uri to an MLflow server"
         )
 
@@ -234,32 +222,12 @@ def _writable_tracking(tracking_uri: str, parallel: bool) -> Iterator[str]:
         yield tracking_uri
 
 
-def _experiment_id(client, name: str, tracking_uri: str) -> str:
-    from ecar.train.tracking import _experiment_id as experiment_for
-
-    return experiment_for(client, Config().override({"tracking.experiment_name": name}), tracking_uri)
-
-
 def _parent_run(
-    client, experiment_id: str, name: str, sweep: Sweep, base: Config, space: Space, options: SweepOptions
+    tracking_uri: str, name: str, sweep: Sweep, base: Config, space: Space, options: SweepOptions
 ) -> tuple[str, bool]:
     """(run id, resumed): the sweep's parent run, found again by name when the sweep resumes."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_RUN_TAG}` = '{name}'", max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
-    run = client.create_run(
-        experiment_id,
-        run_name=name,
-        tags={
-            SWEEP_RUN_TAG: name,
-            "ecar.sweep": sweep.name,
-            "ecar.sweep_kind": sweep.kind,
-            "preset": base.preset,
-            "mlflow.note.content": f"sweep {sweep.name}: {sweep.description}",
-        },
-    )
-    run_id = run.info.run_id
+    from ecar.tracking import log_text, open_run
+
     params = {
         "sweep": sweep.name,
         "kind": sweep.kind,
@@ -274,12 +242,20 @@ def _parent_run(
         "overrides": json.dumps(list(options.overrides)),
         "manifest_uri": options.manifest_uri or base.data.manifest_uri,
         "checkpoint_uri": options.checkpoint_uri,
+        "alias": options.alias,
     }
-    for key, value in params.items():
-        client.log_param(run_id, key, str(value))
-    client.log_text(run_id, json.dumps(space, indent=2, default=repr), "search_space.json")
-    client.log_text(run_id, base.to_json(), "base_config.json")
-    return run_id, False
+    run_id, resumed = open_run(
+        base,
+        tracking_uri,
+        name,
+        "tune",
+        tags={SWEEP_RUN_TAG: name, "ecar.sweep": sweep.name, "ecar.sweep_kind": sweep.kind},
+        params=params,
+        note=f"sweep {sweep.name}: {sweep.description}",
+    )
+    if not resumed:
+        log_text(tracking_uri, run_id, json.dumps(space, indent=2, default=repr), "search_space.json")
+    return run_id, resumed
 
 
 def _smoke_base(sweep: Sweep, base: Config, manifest_uri: str) -> tuple[Config, str]:
@@ -307,13 +283,21 @@ def _smoke_base(sweep: Sweep, base: Config, manifest_uri: str) -> tuple[Config, 
 def run_sweep(sweep: Sweep, options: SweepOptions) -> SweepResult:
     """Validate, then run `sweep` on Ray Tune and write its report (see the module docstring)."""
     from ecar.export import read_config
+    from ecar.tracking import is_model_uri, resolve_export
 
     if sweep.kind == "sample":
         if not options.checkpoint_uri:
             raise ConfigError(
-                f"sweep {sweep.name} varies the sampling schedule of a trained model: "
-                "pass --checkpoint (an exported checkpoint, e.g. outputs/quickstart/runs/quickstart/export)"
+                f"sweep {sweep.name} varies the sampling schedule of a trained model: pass --checkpoint (an "
+                "exported checkpoint, e.g. outputs/quickstart/runs/quickstart/export, or models:/NAME@ALIAS)"
             )
+        if options.alias:
+            raise ConfigError("--alias: a sampling sweep compares schedules of one model; alias it with `ecar alias`")
+        if is_model_uri(options.checkpoint_uri):
+            found = resolve_export(
+                options.checkpoint_uri, _tracking_base(options, Config().override(_store_keys(options)))
+            )
+            options = dataclasses.replace(options, checkpoint_uri=found.export_uri)
         base, space, _ = resolve(sweep, overrides=list(options.overrides), base=read_config(options.checkpoint_uri))
     else:
         base, space, _ = resolve(sweep, options.smoke_test, list(options.overrides))
@@ -339,6 +323,11 @@ def _tracking_base(options: SweepOptions, base: Config) -> str:
     from ecar.tracking import resolve_tracking_uri
 
     return options.tracking_uri or resolve_tracking_uri(base)
+
+
+def _store_keys(options: SweepOptions) -> list[str]:
+    """The overrides that decide where the tracking store is (before a checkpoint's config is read)."""
+    return [item for item in options.overrides if item.startswith(("storage.", "tracking."))]
 
 
 def _run_training(
@@ -379,9 +368,7 @@ def _run_training(
     _check_tracking_reach(tracking_uri)
     parallel = options.max_concurrent_trials > 1
     with _writable_tracking(tracking_uri, parallel) as writer:
-        client = _client(writer)
-        experiment_id = _experiment_id(client, base.tracking.experiment_name, writer)
-        parent_run_id, resumed = _parent_run(client, experiment_id, name, sweep, base, space, options)
+        parent_run_id, resumed = _parent_run(writer, name, sweep, base, space, options)
         log.info("%s sweep %s: MLflow parent run %s", "resuming" if resumed else "starting", name, parent_run_id)
         trainable = tune.with_parameters(
             training_trial,
@@ -398,18 +385,7 @@ def _run_training(
         # the end happens after the workers are gone. (Tune takes CPU 0 along with memory.)
         trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_MEMORY_BYTES})
         results = _fit(trainable, space, num_samples, scheduler, options, base, name)
-        return _finish(
-            sweep,
-            options,
-            base,
-            name,
-            tracking_uri,
-            writer,
-            experiment_id,
-            parent_run_id,
-            results,
-            max_step=train.steps,
-        )
+        return _finish(sweep, options, base, name, tracking_uri, writer, parent_run_id, results, max_step=train.steps)
 
 
 def _run_sampling(
@@ -418,22 +394,21 @@ def _run_sampling(
     from ray import tune
 
     from ecar.runtime import init_ray
+    from ecar.tracking import find_registered
 
     tracking_uri = _tracking_base(options, base)
     fid_images = options.fid_images or (32 if options.smoke_test else 1000)
     init_ray(options.address)
     _check_tracking_reach(tracking_uri)
     with _writable_tracking(tracking_uri, options.max_concurrent_trials > 1) as writer:
-        client = _client(writer)
-        experiment_id = _experiment_id(client, base.tracking.experiment_name, writer)
         parent_run_id, _ = _parent_run(
-            client, experiment_id, name, sweep, base, space, dataclasses.replace(options, fid_images=fid_images)
+            writer, name, sweep, base, space, dataclasses.replace(options, fid_images=fid_images)
         )
         trainable = tune.with_parameters(
             sampling_trial,
-            checkpoint_uri=options.checkpoint_uri,
+            base=base.to_dict(),
+            model=dataclasses.asdict(find_registered(writer, options.checkpoint_uri)),
             tracking_uri=writer,
-            experiment_id=experiment_id,
             parent_run_id=parent_run_id,
             sweep_run=name,
             fid_images=fid_images,
@@ -442,15 +417,7 @@ def _run_sampling(
         )
         trainable = tune.with_resources(trainable, {"CPU": 1.0})
         results = _fit(trainable, space, num_samples, None, options, base, name)
-        return _finish(
-            sweep, options, base, name, tracking_uri, writer, experiment_id, parent_run_id, results, max_step=None
-        )
-
-
-def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri)
+        return _finish(sweep, options, base, name, tracking_uri, writer, parent_run_id, results, max_step=None)
 
 
 def _fit(trainable, space: Space, num_samples: int, scheduler, options: SweepOptions, base: Config, name: str):
@@ -492,20 +459,24 @@ def _finish(
     name: str,
     tracking_uri: str,
     writer: str,
-    experiment_id: str,
     parent_run_id: str,
     results,
     max_step: int | None,
 ) -> SweepResult:
     """Settle every child run's status (a trial ASHA stopped was killed mid-run), rank the
-    trials, write the report into the parent run and close it."""
+    trials, point the alias at the best trial's model, write the report into the parent run and
+    close it."""
     from ecar.report import build_report, load_runs, log_report
+    from ecar.tracking import MODEL_URI_TAG, client, log_metrics, set_alias, set_tags
 
-    client = _client(writer)
+    mlflow_client = client(writer)
+    parent = mlflow_client.get_run(parent_run_id)
     children = {
         run.data.tags.get(TRIAL_TAG): run
-        for run in client.search_runs(
-            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000
+        for run in mlflow_client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            max_results=1000,
         )
     }
     trials = []
@@ -517,20 +488,22 @@ def _finish(
         status = "FAILED" if result.error is not None else ("KILLED" if stopped else "FINISHED")
         run = children.get(trial_id)
         if run is not None:
-            client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, str(stopped).lower())
+            set_tags(writer, run.info.run_id, {STOPPED_EARLY_TAG: str(stopped).lower()})
             if stopped:
                 # what it stopped at, and what it would cost to sample: it still belongs on the Pareto plot
-                client.set_tag(run.info.run_id, "ecar.stopped_at_step", str(step))
-                client.log_metric(run.info.run_id, "steps_trained", float(step or 0))
-                _log_sampling_cost(client, run.info.run_id, base, result.config)
+                set_tags(writer, run.info.run_id, {"ecar.stopped_at_step": str(step)})
+                log_metrics(
+                    writer, run.info.run_id, {"steps_trained": step or 0, **_sampling_cost(base, result.config)}
+                )
             if run.info.status != status:
-                client.set_terminated(run.info.run_id, status=status)
+                mlflow_client.set_terminated(run.info.run_id, status=status)
         trials.append(
             {
                 "trial_id": trial_id,
                 "status": status,
                 "stopped_early": stopped,
                 "mlflow_run_id": run.info.run_id if run else "",
+                "model_uri": run.data.tags.get(MODEL_URI_TAG, "") if run else "",
                 "config": result.config,
                 "error": str(result.error) if result.error else "",
                 **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -544,14 +517,19 @@ def _finish(
         trials=trials,
     )
     ranked = [t for t in trials if isinstance(t.get(sweep.metric), (int, float))]
+    counts = {status: sum(t["status"] == status for t in trials) for status in ("FINISHED", "KILLED", "FAILED")}
+    figures = {f"trials_{status.lower()}": count for status, count in counts.items()}
     if ranked:
         best = (min if sweep.mode == "min" else max)(ranked, key=lambda t: t[sweep.metric])
         out.best = best
-        client.log_metric(parent_run_id, f"best_{sweep.metric}", float(best[sweep.metric]))
-        client.set_tag(parent_run_id, "ecar.best_trial", best["trial_id"])
-    counts = {status: sum(t["status"] == status for t in trials) for status in ("FINISHED", "KILLED", "FAILED")}
-    for status, count in counts.items():
-        client.log_metric(parent_run_id, f"trials_{status.lower()}", float(count))
+        figures[f"best_{sweep.metric}"] = best[sweep.metric]
+        set_tags(writer, parent_run_id, {"ecar.best_trial": best["trial_id"], "ecar.best_model_uri": best["model_uri"]})
+        if options.alias and best["model_uri"]:
+            set_alias(writer, best["model_uri"], options.alias)
+            log.info("sweep %s: %s@%s -> best trial %s", name, best["model_uri"], options.alias, best["trial_id"])
+    if options.alias and not ranked:
+        log.warning("sweep %s: no trial logged %s, so alias %s was not set", name, sweep.metric, options.alias)
+    log_metrics(writer, parent_run_id, figures)
     quality = sweep.metric if any(sweep.metric in t for t in trials) else "val_loss"
     report_dir = Path(options.report_dir or _default_report_dir(base, name))
     try:
@@ -567,15 +545,14 @@ def _finish(
         out.report_markdown = report.markdown
     except ValueError as error:  # no trial produced the metric: say so, keep the runs
         log.warning("no report for sweep %s: %s", name, error)
-    client.set_terminated(parent_run_id, status="FAILED" if counts["FAILED"] == len(trials) else "FINISHED")
+    mlflow_client.set_terminated(parent_run_id, status="FAILED" if counts["FAILED"] == len(trials) else "FINISHED")
     return out
 
 
-def _log_sampling_cost(client, run_id: str, base: Config, trial_space: dict[str, Any] | None) -> None:
+def _sampling_cost(base: Config, trial_space: dict[str, Any] | None) -> dict[str, float]:
     from ecar.evaluation.evaluate import sampling_cost
 
-    for key, value in sampling_cost(base.override(trial_overrides(trial_space or {}))).items():
-        client.log_metric(run_id, key, float(value))
+    return sampling_cost(base.override(trial_overrides(trial_space or {})))
 
 
 def _trial_id(result, children: dict[str, Any]) -> str:

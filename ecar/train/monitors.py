@@ -126,8 +126,8 @@ class Preview:
 
     @torch.no_grad()
     def figure(self, ema_weights: dict[str, torch.Tensor], step: int):
+        from ecar.figures import sample_grid
         from ecar.models import build_model
-        from ecar.train.tracking import sample_grid
 
         if self.model is None:
             self.model = build_model(self.config).eval()

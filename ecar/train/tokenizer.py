@@ -9,6 +9,10 @@ Images stream from the prepared image shards through Ray Data into the workers (
 Ray Data tasks), so no worker holds the data set. Rank 0 saves the weights as a Ray Train
 checkpoint; the driver then evaluates PSNR and reconstruction FID on the test split and writes
 the tokenizer (safetensors + tokenizer.json with the metrics) to the output URI.
+
+Tracked (with a tracking URI), the job is one MLflow run (`ecar.job=train-tokenizer`): rank 0
+logs the loss terms at every step (sent every LOG_BATCH_STEPS), the driver the held-out metrics
+and a grid of held-out images above their reconstructions.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from ecar.tokenizer.vae import DESCRIPTION_NAME, KLVAE, load_vae, reconstruct, s
 from ecar.train.schedule import cosine_lr
 
 log = get_logger(__name__)
+
+LOG_BATCH_STEPS = 10  # per-step metrics go to MLflow in batches of this many steps
+GRID_IMAGES = 8
 
 
 # ----- the perceptual term ---------------------------------------------------------------------
@@ -84,10 +91,13 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from ecar.tracking import RankZeroTracker
+
     config = Config.from_dict(loop_config["config"])
     tok = config.tokenizer
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    tracker = RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"], rank)
     torch.manual_seed(tok.seed + rank)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(KLVAE(vae_shape(config)))
@@ -120,10 +130,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 loss = loss + tok.perceptual_weight * perceptual_distance(perceptual, reconstruction, images)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            lr = cosine_lr(step, tok.lr, 0.1 * tok.lr, warmup, tok.steps)
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, tok.lr, 0.1 * tok.lr, warmup, tok.steps)
+                group["lr"] = lr
             optimizer.step()
             step += 1
+            tracker.log_metrics(
+                step,
+                {"loss": float(loss), "l1": float(l1), "kl": float(kl), "lr": lr},
+                flush=step % LOG_BATCH_STEPS == 0 or step == tok.steps,
+            )
             if board is not None and (step % 10 == 0 or step == tok.steps):
                 posted = board.post.remote(step, {"loss": float(loss)})
                 if step == tok.steps:
@@ -149,6 +165,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 _report(metrics, raw, optimizer, step, config, rank)
             if step >= tok.steps:
                 break
+    tracker.close()
     _report(metrics, raw, optimizer, step, config, rank)
 
 
@@ -231,13 +248,14 @@ def check_output_free(output_uri: str, storage_config: StorageConfig | None = No
         )
 
 
-def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split: str = "test") -> dict[str, Any]:
+def train_tokenizer(
+    config: Config, images_uri: str, output_uri: str, eval_split: str = "test", tracking_uri: str = ""
+) -> dict[str, Any]:
     """Train on the `train` split of the prepared image shards, evaluate on `eval_split`, write
     the tokenizer to `output_uri` (refused if one is there); returns its description (with
-    `metrics`). Needs Ray running."""
+    `metrics`). Tracked in MLflow when `tracking_uri` is given (see the module docstring). Needs
+    Ray running."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     check_output_free(output_uri, config.storage)
     if config.tokenizer.kind != "kl_vae":
@@ -257,11 +275,8 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
         .map_batches(_image_batch_decoder(config.data.image_channels), batch_size=256)
     )
     tok = config.tokenizer
-    # The run's state lives next to a local output under a name fixed by what is trained, so
-    # that re-running the same job after a failure resumes from its latest checkpoint. For an
-    # s3:// output it stays in a local temporary folder (no resume): Ray Train's run folder on
-    # the loopback S3 test server hung after the final report, and an unverified path is worse
-    # than a slower re-run.
+    # A name fixed by what is trained: re-running the same job resumes its Ray Train run (see
+    # _fit) and its MLflow run.
     identity = json.dumps(
         {
             "tokenizer": config.to_dict()["tokenizer"],
@@ -271,17 +286,72 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
         sort_keys=True,
     )
     run_name = f"tokenizer-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    tracked = {"tracking_uri": tracking_uri, "run_id": ""}
+    if tracking_uri:
+        from ecar.tracking import open_run
+
+        tracked["run_id"], _ = open_run(
+            config,
+            tracking_uri,
+            run_name,
+            "train-tokenizer",
+            tags={"input_uri": images_uri, "output_uri": output_uri},
+            note=f"KL-VAE tokenizer for {images_uri}",
+        )
+    try:
+        started = time.time()
+        model, final_loss = _fit(config, dataset, run_name, output_uri, tracked)
+        train_seconds = time.time() - started
+        held_out = read_image_split(images_uri, eval_split, tok.eval_images, config)
+        metrics = evaluate_tokenizer(model, held_out, tok.fid_images)
+    except BaseException:
+        if tracked["run_id"]:
+            from ecar.tracking import finish_run
+
+            finish_run(tracking_uri, tracked["run_id"], status="FAILED")
+        raise
+    metrics.update({"eval_split": eval_split, "train_seconds": round(train_seconds, 1), "final_train_loss": final_loss})
+    log.info(
+        "tokenizer: PSNR %.2f dB on %d %s images%s",
+        metrics["psnr"],
+        metrics["eval_images"],
+        eval_split,
+        f", rFID {metrics['rfid']:.2f} on {metrics['fid_images']}" if "rfid" in metrics else "",
+    )
+    described = save_vae(
+        model,
+        output_uri,
+        config.data.image_size,
+        storage_config=config.storage,
+        extra={"metrics": metrics, "tokenizer_config": config.to_dict()["tokenizer"], "images_uri": images_uri},
+    )
+    if tracked["run_id"]:
+        _log_evaluation(tracking_uri, tracked["run_id"], model, held_out, metrics, tok.steps)
+    return described
+
+
+def _fit(
+    config: Config, dataset: Any, run_name: str, output_uri: str, tracked: dict[str, str]
+) -> tuple[KLVAE, float | None]:
+    """The trained model and its last training loss. The Ray Train run's state lives next to a
+    local output, so that re-running the same job after a failure resumes from its latest
+    checkpoint. For an s3:// output it stays in a local temporary folder (no resume): Ray
+    Train's run folder on the loopback S3 test server hung after the final report, and an
+    unverified path is worse than a slower re-run."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tok = config.tokenizer
     scratch = None
     if storage.is_remote(output_uri):
         scratch = tempfile.TemporaryDirectory(prefix="ecar-tokenizer-")
         run_filesystem, run_path = pafs.LocalFileSystem(), scratch.name
     else:
         run_filesystem, run_path = storage.arrow_fs(storage.join(output_uri, "_train"), config.storage)
-    started = time.time()
     with worker_progress(tok.steps, "tokenizer", "steps") as board:
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"config": config.to_dict(), "progress": board},
+            train_loop_config={"config": config.to_dict(), "progress": board, **tracked},
             scaling_config=ScalingConfig(
                 num_workers=tok.num_workers, use_gpu=tok.use_gpu, resources_per_worker={"CPU": tok.cpus_per_worker}
             ),
@@ -294,31 +364,28 @@ def train_tokenizer(config: Config, images_uri: str, output_uri: str, eval_split
             ),
         )
         result = trainer.fit()
-    train_seconds = time.time() - started
     with result.checkpoint.as_directory() as folder:
         model, _ = load_vae(folder)
     if scratch is not None:
         scratch.cleanup()
-    held_out = read_image_split(images_uri, eval_split, tok.eval_images, config)
-    metrics = evaluate_tokenizer(model, held_out, tok.fid_images)
-    metrics.update(
-        {
-            "eval_split": eval_split,
-            "train_seconds": round(train_seconds, 1),
-            "final_train_loss": (result.metrics or {}).get("loss"),
-        }
+    return model, (result.metrics or {}).get("loss")
+
+
+def _log_evaluation(
+    tracking_uri: str, run_id: str, model: KLVAE, held_out_BCHW: torch.Tensor, metrics: dict[str, Any], step: int
+) -> None:
+    """The held-out metrics, a grid of held-out images above their reconstructions; closes the run."""
+    from ecar.figures import reconstruction_grid
+    from ecar.tracking import finish_run, log_image, log_metrics
+
+    originals = held_out_BCHW[:GRID_IMAGES]
+    title = f"{metrics['eval_split']} images (top) and their reconstructions"
+    log_metrics(tracking_uri, run_id, metrics, step)
+    log_image(
+        tracking_uri,
+        run_id,
+        reconstruction_grid(originals, reconstruct(model, originals), title),
+        "reconstructions",
+        step,
     )
-    log.info(
-        "tokenizer: PSNR %.2f dB on %d %s images%s",
-        metrics["psnr"],
-        metrics["eval_images"],
-        eval_split,
-        f", rFID {metrics['rfid']:.2f} on {metrics['fid_images']}" if "rfid" in metrics else "",
-    )
-    return save_vae(
-        model,
-        output_uri,
-        config.data.image_size,
-        storage_config=config.storage,
-        extra={"metrics": metrics, "tokenizer_config": config.to_dict()["tokenizer"], "images_uri": images_uri},
-    )
+    finish_run(tracking_uri, run_id)

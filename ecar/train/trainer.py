@@ -67,11 +67,11 @@ def train_worker(arguments: dict[str, Any]) -> None:
 
     from ecar.data.reader import torch_batches
     from ecar.models import build_model
+    from ecar.tracking import RankZeroTracker
     from ecar.train.ema import EMA
     from ecar.train.engine import DeepSpeedBackend
     from ecar.train.loop import NonFiniteLossError, train
     from ecar.train.streams import worker_epochs
-    from ecar.train.tracking import RankZeroTracker
 
     config = Config.from_dict(arguments["config"])
     data = ManifestSummary.from_dict(arguments["data"])
@@ -82,6 +82,7 @@ def train_worker(arguments: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
 
     tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
+    tracker.start_system_metrics()
     tracker.set_phase(
         "building the model and the DeepSpeed engine (a machine's first run also compiles "
         "DeepSpeed's CPU op: 1-2 minutes)"
@@ -201,7 +202,7 @@ class RunEvents:
         if due.preview:
             whole = self.backend.gather(self.ema.shadow)  # a collective: every rank takes part
             if self.preview is not None:
-                self.tracker.log_figure(self.preview.figure(whole, state.step), f"samples/step_{state.step:08d}.png")
+                self.tracker.log_image(self.preview.figure(whole, state.step), "samples", state.step)
         if due.evaluate and self.validator is not None:
             values = self.validator(self.backend)  # a collective under ZeRO-3: every rank takes part
             self.last_metrics.update(values)
@@ -229,10 +230,12 @@ class RunEvents:
         import ray.train
 
         self.tracker.log_text(f"{reason}\n", "stopped.txt")
+        self.tracker.close()  # the system metrics stop here too
         ray.train.report({"step": state.step, STOPPED_KEY: reason})
 
     def finish(self, state: Any) -> None:
-        """Peak memory to MLflow, then the consolidated EMA weights exported by rank 0."""
+        """Peak memory to MLflow (beside the system metrics, which stop here), then the
+        consolidated EMA weights exported by rank 0."""
         from ecar.export import save_exported
         from ecar.models import build_model
 
@@ -240,6 +243,7 @@ class RunEvents:
         self.tracker.log_metrics(
             state.step, self.memory.metrics(device, self.backend.state_bytes(list(self.ema.shadow.values())))
         )
+        self.tracker.close()
         whole = self.backend.gather(self.ema.shadow)
         if self.rank == 0:
             full = build_model(self.config).state_dict()
@@ -265,6 +269,7 @@ class FitResult:
     mlflow_run_id: str
     checkpoint_uri: str | None
     metrics: dict[str, Any]
+    model_uri: str = ""  # the registered model version of the export (models:/NAME/VERSION)
 
 
 def worker_env(config: Config) -> dict[str, str]:
@@ -292,22 +297,28 @@ def fit(
     A run whose name already has checkpoints under the storage root resumes from the latest one
     and keeps its MLflow run. Ray must already be initialised. `parent_run_id` makes the MLflow
     run a child (a sweep's trial); `callbacks` go to Ray Train's RunConfig (e.g. Tune's
-    TuneReportCallback, which forwards every `ray.train.report` to the trial).
+    TuneReportCallback, which forwards every `ray.train.report` to the trial). The export
+    becomes the next version of the config's registered model (`ecar.tracking.register_export`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from ecar.progress import training_progress
-    from ecar.tracking import resolve_tracking_uri
+    from ecar.tracking import finish_run, open_run, redact, register_export, resolve_tracking_uri
     from ecar.train.streams import StreamSplit, datasets_for, stream_count
-    from ecar.train.tracking import finish_run, open_run
 
     tracking_uri = tracking_uri or resolve_tracking_uri(config)
     config = storage.with_absolute_root(config)
     mlflow_run_id, resumed = open_run(
-        config, tracking_uri, name, source.manifest_uri, run_uri(config, name), parent_run_id=parent_run_id, tags=tags
+        config,
+        tracking_uri,
+        name,
+        "train",
+        tags={"manifest_uri": source.manifest_uri, "run_uri": run_uri(config, name), **(tags or {})},
+        parent_run_id=parent_run_id,
+        note=f"E-CAR training run {name} ({config.preset})",
     )
-    log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, tracking_uri)
+    log.info("%s MLflow run %s at %s", "resuming" if resumed else "started", mlflow_run_id, redact(tracking_uri))
     train = config.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -349,20 +360,21 @@ def fit(
         train.cpus_per_worker,
         train.steps,
     )
+    uri = export_uri(config, name)
     try:
         with training_progress(tracking_uri, mlflow_run_id, train.steps, f"train {name}"):
             result = trainer.fit()
-    except BaseException:
-        finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
-        raise
-    stopped = (result.metrics or {}).get(STOPPED_KEY)
-    if stopped:
-        from ecar.train.loop import NonFiniteLossError
+        stopped = (result.metrics or {}).get(STOPPED_KEY)
+        if stopped:  # ended on purpose, without an export
+            from ecar.train.loop import NonFiniteLossError
 
-        finish_run(tracking_uri, mlflow_run_id, None, status="FAILED")
-        raise NonFiniteLossError(stopped)
-    uri = export_uri(config, name)
-    finish_run(tracking_uri, mlflow_run_id, uri)
+            raise NonFiniteLossError(stopped)
+        registered = register_export(tracking_uri, mlflow_run_id, uri, config)
+    except BaseException:
+        finish_run(tracking_uri, mlflow_run_id, status="FAILED")
+        raise
+    log.info("registered the export as %s", registered.model_uri)
+    finish_run(tracking_uri, mlflow_run_id, export_uri=uri)
     return FitResult(
         name=name,
         run_uri=run_uri(config, name),
@@ -370,4 +382,5 @@ def fit(
         mlflow_run_id=mlflow_run_id,
         checkpoint_uri=result.checkpoint.path if result.checkpoint else None,
         metrics=dict(result.metrics or {}),
+        model_uri=registered.model_uri,
     )

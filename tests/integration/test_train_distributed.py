@@ -1,6 +1,7 @@
 """Distributed training on a local Ray cluster: 2 CPU workers (0.5 CPU each) under DeepSpeed
 ZeRO-2 and ZeRO-3, latents streamed from the loopback S3 server, checkpoints written back to it,
-metrics and sample grids on a loopback MLflow server queried by a separate client.
+metrics, sample grids by step, system metrics and the registered export on a loopback MLflow
+server queried by a separate client.
 
 Each fit costs tens of seconds on 2 cores, so the runs are shared: the ZeRO-2 run is also the
 uninterrupted reference of the resume test.
@@ -20,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 
 from ecar import storage
 from ecar.export import load_exported, read_metadata
+from ecar.tracking import logged_images
 from jobs.train import resolve_config, train_job
 
 pytestmark = [pytest.mark.integration]
@@ -101,7 +103,7 @@ def zero2_run(ray_cluster, s3_latents, output_root, mlflow_server):
 
 
 @pytest.mark.timeout(420)  # includes the session's set-up: Ray, the MLflow server, the data
-def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, mlflow_server, output_root):
+def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, mlflow_server, output_root, tmp_path):
     config, result = zero2_run
     assert result.metrics["step"] == 6
     # num_to_keep=1: only the last checkpoint is left on S3, with every rank's shards in it
@@ -129,11 +131,22 @@ def test_zero2_streams_from_s3_checkpoints_to_it_and_logs_to_mlflow(zero2_run, m
     ):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/step_00000003.png", "samples/step_00000006.png"} <= artifacts
+    # previews by training step, each a PNG readable through the client API
+    previews = logged_images(mlflow_server, run.info.run_id, "samples")
+    assert list(previews) == [3, 6]
+    with open(client.download_artifacts(run.info.run_id, previews[6], str(tmp_path)), "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+    # MLflow's system metrics beside the peak-memory figures
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "peak_rss_mib_max_worker" in run.data.metrics
+    assert run.data.tags["ecar.job"] == "train" and "tokenizer.steps" not in run.data.params
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "loss_curve.png", "export_uri.txt"} <= top
     assert run.data.tags["export_uri"] == result.export_uri
+    # the export is a version of the preset's registered model, linked to this run
+    assert run.data.tags["ecar.model_uri"] == result.model_uri and result.model_uri.startswith("models:/ecar-debug/")
+    version = client.get_model_version("ecar-debug", result.model_uri.rsplit("/", 1)[1])
+    assert version.run_id == run.info.run_id and version.tags["ecar.export_uri"] == result.export_uri
+    assert version.tags["ecar.content_sha256"] == read_metadata(result.export_uri)["content_sha256"]
 
     # the exported EMA loads in one process, whatever the training world size was, and holds
     # exactly the EMA of the last checkpoint
@@ -164,7 +177,7 @@ def test_zero3_trains_and_exports_gathered_ema(ray_cluster, s3_latents, output_r
         torch.testing.assert_close(exported.model.state_dict()[name], tensor, rtol=1e-3, atol=1e-5)
     client, run = _run(mlflow_server, "zero3")
     assert run.data.params["train.zero_stage"] == "3"
-    assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "samples"))
+    assert list(logged_images(mlflow_server, run.info.run_id, "samples")) == [3, 6]
 
 
 @pytest.mark.timeout(300)

@@ -38,6 +38,7 @@ def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(
         overrides=(f"storage.root={s3_prefix}", "train.min_lr=0"),
         tracking_uri=mlflow_server,
         report_dir=str(tmp_path / "report"),
+        alias="sweep-best",
     )
     result = run_sweep(SWEEP, options)
 
@@ -65,6 +66,9 @@ def test_smoke_sweep_stops_the_stalled_trial_and_reports_to_mlflow(
         assert child.data.metrics["sampling_gflops"] > 0
     good = next(c for c in children if c.data.params["train.lr"] == str(GOOD_LR))
     assert good.data.metrics["val_loss"] < client.get_metric_history(good.info.run_id, "val_loss")[0].value
+    # the sweep's alias points at the model version the best trial exported
+    assert client.get_model_version_by_alias("ecar-debug", "sweep-best").run_id == good.info.run_id
+    assert parent.data.tags["ecar.job"] == "tune" and all(c.data.tags["ecar.job"] == "train" for c in children)
 
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert artifacts == {"report/report.md", "report/report.csv", "report/pareto.png"}
@@ -92,51 +96,6 @@ def test_search_space_errors_stop_the_sweep_before_anything_starts(tmp_path):
     with pytest.raises(ConfigError, match="--checkpoint"):
         run_sweep(sampling, SweepOptions())
     assert not (tmp_path / "tune").exists()
-
-
-@pytest.fixture(scope="module")
-def decodable_checkpoint(tmp_path_factory):
-    """An ecar-debug export whose latent manifest names a (fresh) KL-VAE tokenizer and real
-    Fashion-MNIST test images: everything a sampling trial needs for FID."""
-    import torch
-
-    from ecar.data.manifest import SCHEMA_VERSION, write_manifest
-    from ecar.data.prepare import prepare_images
-    from ecar.export import save_exported
-    from ecar.models import build_model
-    from ecar.presets import get_config
-    from ecar.tokenizer.vae import KLVAE, save_vae, vae_shape
-
-    root = tmp_path_factory.mktemp("sampling-sweep")
-    config = get_config("ecar-debug")
-    images_uri = str(root / "images")
-    prepare_images(config, images_uri, splits=["test"], limit_per_split=16)
-    torch.manual_seed(0)
-    tokenizer_uri = str(root / "tokenizer")
-    described = save_vae(KLVAE(vae_shape(config)), tokenizer_uri, config.data.image_size)
-    latents = str(root / "latents")
-    write_manifest(
-        latents,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "latents",
-            "splits": {},
-            "source": {"images_uri": images_uri},
-            "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]},
-            "latent_shape": [config.model.latent_channels, config.model.latent_size, config.model.latent_size],
-            "latent_dtype": "float32",
-            "latent_scale": 1.0,
-            "num_classes": config.model.num_classes,
-            "flip_augment": False,
-        },
-    )
-    model = build_model(config)
-    with torch.no_grad():  # off the zero-initialised outputs, so that the schedule matters
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    export = str(root / "export")
-    save_exported(model.state_dict(), config, export, latent_scale=1.0, manifest_uri=latents)
-    return export
 
 
 def test_sampling_sweep_scores_each_schedule_of_one_checkpoint(ray_cluster, decodable_checkpoint, tmp_path):
