@@ -201,10 +201,14 @@ class StorageAccessError(ValueError):
 
 def check_access(uri: str, key: str, write: bool = False, storage: StorageConfig | None = None) -> None:
     """Before a job takes any cluster resource: an s3:// bucket answers (one attempt, a short
-    timeout, instead of boto's retries and a long traceback), and with `write` the location
-    accepts and deletes a small probe object. `key` names the setting or flag in the error."""
-    if is_remote(uri):
-        _probe_bucket(uri, key, storage)
+    timeout, instead of boto's retries and a long traceback), and with `write` it accepts and
+    deletes a small probe object; a local path's nearest existing folder is writable (nothing is
+    created). `key` names the setting or flag in the error."""
+    if not is_remote(uri):
+        if write:
+            _check_local_writable(Path(uri.removeprefix("file://")).absolute(), key, uri)
+        return
+    _probe_bucket(uri, key, storage)
     if write:
         from botocore.exceptions import BotoCoreError
 
@@ -214,6 +218,16 @@ def check_access(uri: str, key: str, write: bool = False, storage: StorageConfig
             delete(probe, storage)
         except (OSError, ValueError, BotoCoreError) as error:
             raise StorageAccessError(f"{key}: cannot write under {uri}: {error}") from None
+
+
+def _check_local_writable(path: Path, key: str, uri: str) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StorageAccessError(f"{key}: cannot write under {uri}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageAccessError(f"{key}: cannot write under {uri}: {existing} is not writable")
 
 
 def _probe_bucket(uri: str, key: str, storage: StorageConfig | None) -> None:

@@ -43,7 +43,7 @@ JOBS = {
     "sample": (
         sample.main,
         ["--checkpoint", "s3://ecar-test/runs/a/export", "--output", "s3://ecar-test/s", "--num-images", "8"],
-        "--checkpoint",
+        "--output",  # checked first: a models:/ checkpoint is resolved through the tracking server
     ),
     "evaluate": (evaluate.main, ["--samples", "s3://ecar-test/s", "--no-mlflow"], "--samples"),
 }
