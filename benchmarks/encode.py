@@ -99,6 +99,7 @@ def main() -> int:
             "data.encode_batch_size": args.batch_size,
         },
     )
+    init_ray(None, num_cpus=os.cpu_count())  # prepare's tasks and the encode job run on it
     if args.limit:
         subset = f"{args.images.rstrip('/')}-bench-{args.limit}"
         prepare_images(config.override({"data.shard_rows": 1024}), subset, limit_per_split=args.limit)
@@ -122,7 +123,6 @@ def main() -> int:
     assert encoded == total
 
     # 2. the Ray Data job into S3 (includes Ray Data start-up and the actors loading the tokenizer)
-    init_ray(None, num_cpus=os.cpu_count())
     output = f"s3://bench/{uuid.uuid4().hex[:8]}/latents"
     started = time.perf_counter()
     manifest = encode_latents(config, args.images, output)

@@ -482,3 +482,13 @@ def test_jobs_print_one_line_and_return_2_for_user_errors(job, capsys, tmp_path)
             == 2
         )
         assert "run `ecar prepare` first" in capsys.readouterr().err
+
+
+def test_prepare_names_a_missing_image_folder_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import jobs.prepare
+
+    monkeypatch.setattr(jobs.prepare, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray")))
+    missing = tmp_path / "imagenet"
+    assert jobs.prepare.main(["--preset", "ecar-b", f"data.source_uri={missing}", "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"ecar prepare: image folder {missing} does not exist"
+    assert not (tmp_path / "o").exists()

@@ -41,6 +41,7 @@ def test_a_diffusers_vae_goes_through_encode_train_sample_decode(ray_cluster, ti
             "tokenizer.kind": "diffusers",
             "tokenizer.checkpoint_uri": tiny_sd_vae,
             "train.steps": 3,
+            "train.num_workers": 1,
             "train.global_batch_size": 8,
             "train.micro_batch_size": 8,
         },

@@ -95,7 +95,7 @@ def test_search_space_errors_stop_the_sweep_before_anything_starts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def decodable_checkpoint(tmp_path_factory):
+def decodable_checkpoint(ray_cluster, tmp_path_factory):
     """An ecar-debug export whose latent manifest names a (fresh) KL-VAE tokenizer and real
     Fashion-MNIST test images: everything a sampling trial needs for FID."""
     import torch
