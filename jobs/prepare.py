@@ -1,7 +1,8 @@
-"""Turn an image source into image shards on storage (local path or s3://).
+"""Turn an image source into image shards on storage (local path or s3://), on Ray Data: the
+shards are read, resized and written by tasks across the cluster.
 
     python -m jobs.prepare --preset ecar-fmnist --output s3://bucket/fmnist/images
-    python -m jobs.prepare --preset ecar-b data.source=image_folder data.source_uri=/data/imagenet --output ...
+    python -m jobs.prepare --preset ecar-b data.source_uri=/data/imagenet --output s3://bucket/imagenet/images
 
 Re-running after a failure writes only the missing shards; images.json is written last.
 """
@@ -14,6 +15,8 @@ import sys
 from ecar import storage
 from ecar.config import Config
 from ecar.data.prepare import prepare_images
+from ecar.data.sources import open_source
+from ecar.runtime import init_ray
 from jobs._common import base_parser, run
 
 
@@ -24,7 +27,9 @@ def work(args: argparse.Namespace, config: Config) -> str:
     if storage.is_remote(config.data.source_uri):
         storage.check_access(config.data.source_uri, "data.source_uri", storage=config.storage)
     storage.check_access(output, "--output", write=True, storage=config.storage)
-    manifest = prepare_images(config, output, limit_per_split=args.limit)
+    source = open_source(config.data, config.storage, config.model.num_classes)  # a bad path fails before Ray
+    init_ray(args.address)
+    manifest = prepare_images(config, output, source, limit_per_split=args.limit)
     parts = ", ".join(
         f"{split}: {info['rows']} images ({info['quarantined']} quarantined)"
         for split, info in manifest["splits"].items()

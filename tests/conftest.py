@@ -74,3 +74,55 @@ def ray_cluster(s3_server):
         ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vae(tmp_path_factory) -> str:
+    """A randomly initialised diffusers AutoencoderKL of SD's VAE shape (four encoder blocks: 8x
+    down-sampling; 4 latent channels) at tiny widths, saved with `save_pretrained`: the folder a
+    user points tokenizer.checkpoint_uri at, with no weights shipped or downloaded. Its
+    scaling_factor is 0.5, not SD's 0.18215, so that a literal anywhere would show."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        scaling_factor=0.5,
+    )
+    path = tmp_path_factory.mktemp("sd-vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def class_folders():
+    """Writes a synthetic ImageNet-style tree, ROOT/CLASS/NAME.JPEG (`classes` folders of
+    `per_class` photos whose sizes cycle through `sizes`, mixed orientations), and returns ROOT."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    def write(root: Path, classes: list[str], per_class: int, sizes: list[tuple[int, int]], seed: int = 0) -> str:
+        rng = np.random.default_rng(seed)
+        for label, name in enumerate(classes):
+            (root / name).mkdir(parents=True)
+            for index in range(per_class):
+                width, height = sizes[index % len(sizes)]
+                # a smooth class-tinted gradient plus noise: JPEG-friendly, not constant
+                ramp = np.linspace(0, 1, width)[None, :, None] * np.linspace(0, 1, height)[:, None, None]
+                tint = np.array([(label * 67) % 256, (label * 131) % 256, 200], dtype=np.float64)
+                pixels = ramp * tint + rng.normal(0, 20, (height, width, 3))
+                picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                picture.save(root / name / f"{name}_{index:04d}.JPEG", format="JPEG", quality=90)
+        return str(root)
+
+    return write

@@ -1,28 +1,29 @@
 """`encode`: prepared image shards -> latent Parquet shards + manifest, on Ray Data.
 
-Ray Data reads the pending image shards (`read_parquet`, with each row's file path), and an
+The driver plans the work (the image shards that have no latent shard yet) and hands it to an
 actor pool (`map_batches` with the callable `ShardEncoder`, `ActorPoolStrategy(size=
-data.encode_actors)`, `data.encode_batch_size` rows per call, one GPU per actor when the cluster
-has GPUs) decodes, checks and encodes the rows. The driver collects the encoded rows per input
-file and, once a file's rows are all back, writes that file's quarantine shard and then its
-latent shard under the same deterministic name. So:
+data.encode_actors)`, one shard per call, one GPU per actor when the cluster has GPUs). Each
+actor reads its image shard in batches of `data.encode_batch_size` rows, decodes, checks and
+encodes them, and writes the shard's quarantine file and then its latent shard under the same
+deterministic name, each in one atomic write. What comes back to the driver is a row count
+per shard, so its memory does not grow with the data set (benchmarks/encode.py measures it).
+So:
 - a shard on storage is complete (one atomic write) and a re-run skips it;
+- one actor writes one shard name, so no two writers race on it;
 - rows + quarantined rows of every shard equal its input rows, checked before the manifest;
 - ids are unique across the data set, checked before the manifest;
-- the manifest is written last, atomically, only when every shard is there.
-The driver is the only writer, so no two actors can race on a shard name; what it handles per
-row is one latent (4 KB at 16x16x4), small next to the images the actors read.
+- the manifest is written last, by the driver, atomically, only when every shard is there.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ecar import storage
@@ -34,10 +35,11 @@ from ecar.data.shards import read_footer, write_table
 from ecar.data.sources import BadImage, decode_image, to_array, to_mode
 from ecar.log import get_logger
 from ecar.progress import Progress
-from ecar.tokenizer import load_tokenizer
+from ecar.tokenizer import LoadedTokenizer, load_tokenizer
 
 log = get_logger(__name__)
 CLAIM_NAME = "encode.json"
+IMAGE_COLUMNS = ["id", "image", "label", "source"]
 
 
 def latent_schema(dim: int, flip: bool) -> pa.Schema:
@@ -52,17 +54,17 @@ def _is_missing(value: Any) -> bool:
 
 
 class ShardEncoder:
-    """Ray Data actor: holds the tokenizer; checks and encodes a batch of image rows.
+    """Ray Data actor: holds the tokenizer; encodes whole image shards and writes their latent
+    and quarantine shards under `output_uri`.
 
-    In: path, id, image (PNG bytes), label, source. Out: path, id, source, label (-1 when
-    unusable), reason ("" when the row is good, else the quarantine reason), latent (B, D)
-    float32 and, with flips, latent_flip (B, D); unusable rows carry zeros."""
+    In: uri, split, name (one image shard per row). Out: split, name, rows (input rows) and
+    kept (rows written; the rest are quarantined)."""
 
-    def __init__(self, config: dict[str, Any], num_classes: int) -> None:
+    def __init__(self, config: dict[str, Any], num_classes: int, output_uri: str) -> None:
         self.config = Config.from_dict(config)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_tokenizer(self.config).model.to(self.device)
-        self.num_classes = num_classes
+        self.num_classes, self.output_uri = num_classes, output_uri
         self.size, self.channels = self.config.data.image_size, self.config.data.image_channels
         self.flip = self.config.data.flip_augment
 
@@ -86,7 +88,10 @@ class ShardEncoder:
         x = torch.from_numpy(images_BCHW).to(self.device)
         return self.model.encode(x).float().flatten(1).cpu().numpy()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def encode_rows(self, batch: dict[str, Sequence[Any]]) -> dict[str, np.ndarray]:
+        """Check and encode image rows (id, image as PNG bytes, label, source). Out: id, source,
+        label (-1 when unusable), reason ("" when the row is good, else the quarantine reason),
+        latent (B, D) float32 and, with flips, latent_flip (B, D); unusable rows carry zeros."""
         n = len(batch["id"])
         reasons, arrays, good = [""] * n, [], []
         for row in range(n):
@@ -108,7 +113,6 @@ class ShardEncoder:
                 reasons[row] = "non-finite latent"
         labels = np.asarray([-1 if r else int(batch["label"][i]) for i, r in enumerate(reasons)], dtype=np.int64)
         out = {
-            "path": batch["path"],
             "id": np.asarray([str(i) if not _is_missing(i) else "" for i in batch["id"]], dtype=object),
             "source": np.asarray([str(s) if s is not None else "" for s in batch["source"]], dtype=object),
             "label": labels,
@@ -119,10 +123,33 @@ class ShardEncoder:
             out["latent_flip"] = flipped
         return out
 
+    def encode_shard(self, uri: str, split: str, name: str) -> tuple[int, int]:
+        """Encode one image shard, streamed in batches, and write its outputs; returns (input
+        rows, rows kept). Only this shard's latents are held, never the data set's."""
+        fs, path = storage.arrow_fs(uri, self.config.storage)
+        pieces, rows = [], 0
+        parquet = pq.ParquetFile(path, filesystem=fs)
+        for part in parquet.iter_batches(batch_size=self.config.data.encode_batch_size, columns=IMAGE_COLUMNS):
+            pieces.append(self.encode_rows({column: part.column(column).to_pylist() for column in IMAGE_COLUMNS}))
+            rows += part.num_rows
+        return rows, _write_shard(self.output_uri, split, name, pieces, self.config)
 
-def _write_shard(prefix: str, split: str, name: str, pieces: list[dict[str, np.ndarray]], config: Config) -> None:
-    """Sort the file's rows by id (a deterministic order however blocks arrived), quarantine
-    bad and duplicate rows, write the quarantine shard and then the latent shard."""
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts = [
+            self.encode_shard(str(u), str(s), str(n)) for u, s, n in zip(batch["uri"], batch["split"], batch["name"])
+        ]
+        return {
+            "split": batch["split"],
+            "name": batch["name"],
+            "rows": np.asarray([rows for rows, _ in counts], dtype=np.int64),
+            "kept": np.asarray([kept for _, kept in counts], dtype=np.int64),
+        }
+
+
+def _write_shard(prefix: str, split: str, name: str, pieces: list[dict[str, np.ndarray]], config: Config) -> int:
+    """Sort the file's rows by id (a deterministic order however they were batched), quarantine
+    bad and duplicate rows, write the quarantine shard and then the latent shard; returns the
+    rows written."""
     flip = config.data.flip_augment
     columns = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]} if pieces else {}
     ids = columns.get("id", np.asarray([], dtype=object)).astype(str)
@@ -161,6 +188,7 @@ def _write_shard(prefix: str, split: str, name: str, pieces: list[dict[str, np.n
     }
     bad.write(quarantine_shard_uri(prefix, split, name), config.storage)
     write_table(latent_shard_uri(prefix, split, name), table, config.storage, metadata=stats)
+    return len(keep)
 
 
 def encode_latents(
@@ -172,15 +200,12 @@ def encode_latents(
 ) -> dict[str, Any]:
     """Encode every prepared image shard under `images_uri` into `output_uri`; returns the manifest.
 
-    `fault_after_shards` (tests): raise after writing that many shards in this run, as a job
-    killed half-way would stop. `on_shard(split, name)` is called after each shard is written.
-    Needs Ray running.
+    `fault_after_shards` (tests): raise once that many shards of this run are written, as a job
+    killed half-way would stop (shards in flight may still land, whole). `on_shard(split, name)`
+    is called on the driver after each shard is written. Needs Ray running.
     """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    # recorded in the manifest, and read by jobs that may run elsewhere: never relative
-    images_uri = storage.absolute(images_uri)
+    # recorded in the manifest, read and written by processes that run elsewhere: never relative
+    images_uri, output_uri = storage.absolute(images_uri), storage.absolute(output_uri)
     if config.tokenizer.kind == "kl_vae":
         config = config.override({"tokenizer.checkpoint_uri": storage.absolute(config.tokenizer.checkpoint_uri)})
     images = read_images_manifest(images_uri, config)
@@ -217,76 +242,61 @@ def encode_latents(
         config.storage,
     )
 
-    # which input files still need a latent shard
-    filesystem, _ = storage.arrow_fs(images_uri, config.storage)
-    pending: dict[str, tuple[str, str, int]] = {}  # arrow path -> (split, shard name, input rows)
+    # which image shards still need a latent shard
+    pending: list[dict[str, Any]] = []
     for split in images["splits"]:
         for uri in image_shard_uris(images_uri, split, images):
             name = uri.rsplit("/", 1)[-1]
-            if storage.exists(latent_shard_uri(output_uri, split, name), config.storage):
-                continue
-            pending[storage.arrow_fs(uri, config.storage)[1]] = (split, name, read_footer(uri, config.storage)[0])
+            if not storage.exists(latent_shard_uri(output_uri, split, name), config.storage):
+                pending.append({"uri": uri, "split": split, "name": name})
     total = sum(len(s["shards"]) for s in images["splits"].values())
     log.info("encode: %d image shards, %d already encoded, %d to do", total, total - len(pending), len(pending))
-
-    written = 0
-    # counted in images as batches come back: a shard is only complete at its last row
-    progress = Progress(sum(rows for _, _, rows in pending.values()), "encode", "images")
-
-    def finished(split: str, name: str, pieces: list[dict[str, np.ndarray]]) -> None:
-        nonlocal written
-        _write_shard(output_uri, split, name, pieces, config)
-        written += 1
-        log.debug("encode: wrote %s/%s (%d this run)", split, name, written)
-        if on_shard:
-            on_shard(split, name)
-        if fault_after_shards is not None and written >= fault_after_shards:
-            raise RuntimeError(f"fault injected after {written} shards")
-
-    for path, (split, name, rows) in list(pending.items()):
-        if rows == 0:  # nothing to stream: an empty shard is complete at once
-            finished(split, name, [])
-            del pending[path]
     if pending:
-        resources = ray.cluster_resources()
-        gpus = 1 if resources.get("GPU", 0) > 0 else 0
-        pool_cpus = config.data.encode_actors * config.data.encode_cpus_per_actor
-        if pool_cpus > resources.get("CPU", 0) - 1:
-            # actors that hold every CPU starve the read tasks feeding them: the job would hang
-            raise ConfigError(
-                f"data.encode_actors: {config.data.encode_actors} actors x data.encode_cpus_per_actor="
-                f"{config.data.encode_cpus_per_actor} take {pool_cpus:g} of the cluster's "
-                f"{resources.get('CPU', 0):g} CPUs; leave at least one CPU for reading the image shards"
-            )
-        dataset = ray.data.read_parquet(list(pending), filesystem=filesystem, include_paths=True).select_columns(
-            ["path", "id", "image", "label", "source"]
+        rows = sum(read_footer(task["uri"], config.storage)[0] for task in pending)
+        _run_encoders(config, pending, rows, len(class_names), output_uri, fault_after_shards, on_shard)
+    return finalize(config, images_uri, images, output_uri, tokenizer, shape)
+
+
+def _run_encoders(
+    config: Config,
+    pending: list[dict[str, Any]],
+    rows: int,
+    num_classes: int,
+    output_uri: str,
+    fault_after_shards: int | None,
+    on_shard: Callable[[str, str], None] | None,
+) -> None:
+    """The actor pool over the pending shards; the driver counts what comes back."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    resources = ray.cluster_resources()
+    gpus = 1 if resources.get("GPU", 0) > 0 else 0
+    pool_cpus = config.data.encode_actors * config.data.encode_cpus_per_actor
+    if pool_cpus > resources.get("CPU", 0):
+        # a pool that cannot be placed whole would wait for its missing actors for ever
+        raise ConfigError(
+            f"data.encode_actors: {config.data.encode_actors} actors x data.encode_cpus_per_actor="
+            f"{config.data.encode_cpus_per_actor} need {pool_cpus:g} CPUs, the cluster has {resources.get('CPU', 0):g}"
         )
-        encoded = dataset.map_batches(
-            ShardEncoder,
-            fn_constructor_kwargs={"config": config.to_dict(), "num_classes": len(class_names)},
-            batch_size=config.data.encode_batch_size,
-            compute=ActorPoolStrategy(size=config.data.encode_actors),
-            num_cpus=config.data.encode_cpus_per_actor,
-            num_gpus=gpus,
-        )
-        buffers: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
-        received: dict[str, int] = defaultdict(int)
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            paths = batch["path"]
-            progress.update(len(paths))
-            for path in np.unique(paths):
-                mask = paths == path
-                buffers[path].append({k: v[mask] for k, v in batch.items() if k != "path"})
-                received[path] += int(mask.sum())
-                split, name, rows = pending[path]
-                if received[path] == rows:
-                    finished(split, name, buffers.pop(path))
-                elif received[path] > rows:
-                    raise RuntimeError(f"{path}: received {received[path]} rows, the file holds {rows}")
-        if buffers:
-            raise RuntimeError(f"{len(buffers)} input files came back incomplete (first: {next(iter(buffers))})")
-    progress.close()
-    return finalize(config, images_uri, images, output_uri, tokenizer.identity, shape)
+    encoded = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+        ShardEncoder,
+        fn_constructor_kwargs={"config": config.to_dict(), "num_classes": num_classes, "output_uri": output_uri},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=config.data.encode_actors),
+        num_cpus=config.data.encode_cpus_per_actor,
+        num_gpus=gpus,
+    )
+    written = 0
+    with Progress(rows, "encode", "images") as progress:
+        for shard in encoded.iter_rows():
+            progress.update(int(shard["rows"]))
+            written += 1
+            log.debug("encode: %s/%s written (%d this run)", shard["split"], shard["name"], written)
+            if on_shard:
+                on_shard(str(shard["split"]), str(shard["name"]))
+            if fault_after_shards is not None and written >= fault_after_shards:
+                raise RuntimeError(f"fault injected after {written} shards")
 
 
 def finalize(
@@ -294,11 +304,13 @@ def finalize(
     images_uri: str,
     images: dict[str, Any],
     output_uri: str,
-    tokenizer_identity: dict[str, Any],
+    tokenizer: LoadedTokenizer,
     shape: list[int],
 ) -> dict[str, Any]:
     """Check every shard (present; rows + quarantined = input rows; ids unique), apply the
-    quarantine limit, measure the latent scale from the shard footers, write the manifest."""
+    quarantine limit, measure the latent statistics from the shard footers, write the manifest.
+    The latent scale is the tokenizer's own when it has one (a diffusers VAE's `scaling_factor`),
+    else 1 / the measured std."""
     store = config.storage
     splits: dict[str, Any] = {}
     totals = {"sum": 0.0, "sum_squares": 0.0, "values": 0}
@@ -329,10 +341,11 @@ def finalize(
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "latents",
-        "tokenizer": tokenizer_identity,
+        "tokenizer": tokenizer.identity,
         "latent_shape": shape,
         "latent_dtype": LATENT_DTYPE,
-        "latent_scale": 1.0 / std,
+        "latent_scale": tokenizer.latent_scale or 1.0 / std,
+        "latent_scale_source": "tokenizer" if tokenizer.latent_scale else "measured",
         "latent_mean": mean,
         "latent_std": std,
         "scale_split": scale_split,

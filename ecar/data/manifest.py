@@ -6,9 +6,11 @@
     kind             "latents"
     tokenizer        {kind, uri, sha256}: which tokenizer made the latents (content hash)
     latent_shape     [C, h, w];  latent_dtype "float32"
-    latent_scale     1 / std of the train split's latent values: training uses scale * latent,
-                     decoding divides by it (never a literal in code)
-    latent_mean, latent_std   the measured statistics behind the scale
+    latent_scale     training uses scale * latent, decoding divides by it (never a literal in
+                     code): the tokenizer's own scale when it has one (a diffusers VAE's config
+                     `scaling_factor`), else 1 / std of the train split's latent values
+    latent_scale_source  "tokenizer" or "measured"
+    latent_mean, latent_std   the measured statistics of the train split's latent values
     flip_augment     whether shards carry `latent_flip` (latent of the mirrored image)
     num_classes, class_names
     image_size, image_channels, source {images_uri, kind, uri}

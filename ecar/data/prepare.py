@@ -1,22 +1,25 @@
-"""`prepare`: an image source -> image shards at the configured resolution on storage.
+"""`prepare`: an image source -> image shards at the configured resolution on storage, on Ray Data.
 
 Layout under the output prefix (`data.images_uri`):
     SPLIT/shard-00000.parquet             id, image (PNG bytes, size x size, 1 or 3 channels), label, source
     quarantine/SPLIT/shard-00000.parquet  id, source, reason   (written before its image shard)
-    images.json                           written last: class names, rows and quarantine counts per split
+    images.json                           written last: class names (label i is class_names[i]),
+                                          rows and quarantine counts per split
 
 Shard i of a split holds the source's records [i * shard_rows, (i + 1) * shard_rows) in the
-source's fixed key order, so a re-run writes only the shards that are missing.
+source's fixed key order, so a re-run writes only the shards that are missing. The driver lists
+the keys and plans the shards; Ray Data tasks across the cluster read, decode, resize and write
+them (one task per shard: its quarantine file, then its image shard, each one atomic write);
+the driver checks every shard and writes images.json last. Needs Ray running.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ecar import storage
 from ecar.config import Config
@@ -26,15 +29,18 @@ from ecar.data.sources import (
     BadImage,
     ImageRecord,
     ImageSource,
+    center_crop,
     decode_image,
     encode_png,
     open_source,
-    resize_center_crop,
     to_array,
     to_mode,
 )
 from ecar.log import get_logger
-from ecar.progress import track
+from ecar.progress import Progress
+
+if TYPE_CHECKING:  # torch only for read_image_split: prepare's tasks start without importing it
+    import torch
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "images.json"
@@ -43,10 +49,12 @@ log = get_logger(__name__)
 
 def preprocess(record: ImageRecord, size: int, channels: int) -> bytes:
     """The record's image as PNG bytes, size x size with `channels` channels; BadImage if unusable."""
+    if record.error:
+        raise BadImage(f"{q.UNREADABLE}: {record.error}")
     if record.image is None:
         raise BadImage(f"{q.UNDECODABLE}: no image data")
     picture = decode_image(record.image)
-    picture = resize_center_crop(to_mode(picture, channels), size)
+    picture = center_crop(to_mode(picture, channels), size)
     return encode_png(to_array(picture))
 
 
@@ -72,11 +80,37 @@ def _prepare_shard(
         except BadImage as error:
             reason = str(error)
             bad.add(
-                record.id, record.source, reason if reason.startswith(q.UNDECODABLE) else f"{q.UNDECODABLE}: {reason}"
+                record.id,
+                record.source,
+                reason if reason.startswith((q.UNDECODABLE, q.UNREADABLE)) else f"{q.UNDECODABLE}: {reason}",
             )
             continue
         rows.append({"id": record.id, "image": png, "label": int(record.label), "source": record.source})
     return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), bad
+
+
+def _shard_uris(output_uri: str, split: str, index: int) -> tuple[str, str]:
+    """(image shard, its quarantine file) of shard `index` of `split`."""
+    return (
+        storage.join(output_uri, split, shard_name(index)),
+        storage.join(output_uri, "quarantine", split, shard_name(index)),
+    )
+
+
+def write_shards(
+    batch: dict[str, np.ndarray], source: ImageSource, config: dict[str, Any], num_classes: int, output_uri: str
+) -> dict[str, np.ndarray]:
+    """Ray Data task: prepare and write the planned shards of `batch` (split, index, keys) on
+    this worker; returns their row counts, the only thing the driver receives."""
+    settings = Config.from_dict(config)
+    counts = []
+    for split, index, keys in zip(batch["split"], batch["index"], batch["keys"]):
+        table, bad = _prepare_shard(source, str(split), [str(k) for k in keys], settings, num_classes)
+        target, quarantined = _shard_uris(output_uri, str(split), int(index))
+        bad.write(quarantined, settings.storage)
+        write_table(target, table, settings.storage, metadata={"source_rows": len(keys)})
+        counts.append(len(keys))
+    return {"split": batch["split"], "index": batch["index"], "rows": np.asarray(counts, dtype=np.int64)}
 
 
 def prepare_images(
@@ -88,47 +122,31 @@ def prepare_images(
 ) -> dict[str, Any]:
     """Write the image shards of `source` (default: `data.source`) under `output_uri`; returns
     the images manifest. `limit_per_split` takes the first N records of each split (tests,
-    quick runs); it is recorded in the manifest."""
-    store = config.storage
+    quick runs); it is recorded in the manifest. Needs Ray running when shards are missing."""
+    store, output_uri = config.storage, storage.absolute(output_uri)  # written by workers elsewhere
     source = source or open_source(config.data, store, config.model.num_classes)
     class_names = source.class_names() or [str(i) for i in range(config.model.num_classes)]
-    splits = splits or source.splits()
-    manifest_splits: dict[str, Any] = {}
-    for split in splits:
+    plan: dict[str, list[int]] = {}  # split -> input rows of each shard
+    pending: list[dict[str, Any]] = []
+    for split in splits or source.splits():
         keys = source.keys(split)[:limit_per_split]
         chunks = [keys[i : i + config.data.shard_rows] for i in range(0, len(keys), config.data.shard_rows)]
+        plan[split] = [len(chunk) for chunk in chunks]
         done = set(storage.list_files(storage.join(output_uri, split), ".parquet", store))
-        written = 0
-        for index, chunk in track(enumerate(chunks), len(chunks), f"prepare {split}", "shards"):
-            target = storage.join(output_uri, split, shard_name(index))
-            if target in done:
-                continue
-            table, bad = _prepare_shard(source, split, chunk, config, len(class_names))
-            bad.write(storage.join(output_uri, "quarantine", split, shard_name(index)), store)
-            write_table(target, table, store, metadata={"source_rows": len(chunk)})
-            written += 1
-        log.info(
-            "prepare %s/%s: %d shards (%d written now, %d already there)",
-            source.name,
-            split,
-            len(chunks),
-            written,
-            len(chunks) - written,
-        )
-        manifest_splits[split], _ = q.verify_split(
+        todo = [i for i in range(len(chunks)) if _shard_uris(output_uri, split, i)[0] not in done]
+        pending += [{"split": split, "index": i, "keys": chunks[i]} for i in todo]
+        log.info("prepare %s/%s: %d shards, %d already there", source.name, split, len(chunks), len(chunks) - len(todo))
+    if pending:
+        _run_tasks(pending, source, config, len(class_names), output_uri)
+    manifest_splits = {
+        split: q.verify_split(
             f"prepare {split}",
-            [
-                (
-                    shard_name(i),
-                    storage.join(output_uri, split, shard_name(i)),
-                    storage.join(output_uri, "quarantine", split, shard_name(i)),
-                    len(chunk),
-                )
-                for i, chunk in enumerate(chunks)
-            ],
+            [(shard_name(i), *_shard_uris(output_uri, split, i), rows) for i, rows in enumerate(counts)],
             config.data.quarantine_limit,
             store,
-        )
+        )[0]
+        for split, counts in plan.items()
+    }
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "images",
@@ -144,6 +162,24 @@ def prepare_images(
     }
     storage.write_text_atomic(storage.join(output_uri, MANIFEST_NAME), json.dumps(manifest, indent=2), store)
     return manifest
+
+
+def _run_tasks(
+    pending: list[dict[str, Any]], source: ImageSource, config: Config, num_classes: int, output_uri: str
+) -> None:
+    """One Ray Data task per missing shard, spread over the cluster's CPUs; the driver only
+    counts the rows that come back."""
+    import ray
+
+    tasks = ray.data.from_items(pending, override_num_blocks=len(pending))
+    written = tasks.map_batches(
+        write_shards,
+        fn_kwargs={"source": source, "config": config.to_dict(), "num_classes": num_classes, "output_uri": output_uri},
+        batch_size=1,
+    )
+    with Progress(sum(len(task["keys"]) for task in pending), "prepare", "images") as progress:
+        for row in written.iter_rows():
+            progress.update(int(row["rows"]))
 
 
 def read_images_manifest(images_uri: str, config: Config) -> dict[str, Any]:
@@ -182,4 +218,6 @@ def read_image_split(images_uri: str, split: str, limit: int, config: Config) ->
         count += len(column)
     if not arrays:
         raise ValueError(f"{images_uri}/{split} holds no images")
+    import torch
+
     return torch.from_numpy(np.concatenate(arrays))

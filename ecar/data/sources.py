@@ -9,7 +9,9 @@ rather than crash a job.
 Sources:
 - `fashion_mnist`: Debian's dataset-fashion-mnist idx files (train 60k, test 10k).
 - `image_folder`: ROOT/CLASS/*.png|jpg...; or ROOT/SPLIT/CLASS/... with SPLIT in train/test/
-  val/validation. Files directly under ROOT (or ROOT/SPLIT) have no class: "missing label".
+  val/validation (ImageNet's train/n01440764/*.JPEG). Label i is the i-th class folder in sorted
+  order (the class names are recorded with the shards). Files directly under ROOT (or ROOT/SPLIT)
+  have no class: "missing label"; a file that cannot be read is quarantined, not fatal.
 - `parquet`: Parquet files with an `image` column (bytes, or a struct with `bytes` as written
   by Hugging Face datasets), a `label` column (int, nullable) and optionally `id`; directly
   under ROOT (one split, "train") or under ROOT/SPLIT/.
@@ -59,6 +61,7 @@ class ImageRecord:
     image: bytes | np.ndarray | None  # encoded file bytes, or a (H, W[, C]) uint8 array
     label: int | None
     source: str  # where it came from (file, or file#row), for the quarantine table
+    error: str = ""  # why the file could not be read (vanished, permissions, I/O), else ""
 
 
 class ImageSource(Protocol):
@@ -94,17 +97,16 @@ def to_mode(picture: Image.Image, channels: int) -> Image.Image:
     return picture if picture.mode == mode else picture.convert(mode)
 
 
-def resize_center_crop(picture: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size` (bicubic up, Lanczos down), then the centered size x size crop."""
-    width, height = picture.size
-    if (width, height) != (size, size):
-        scale = size / min(width, height)
-        new = (max(size, round(width * scale)), max(size, round(height * scale)))
-        method = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS
-        picture = picture.resize(new, method)
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        picture = picture.crop((left, top, left + size, top + size))
-    return picture
+def center_crop(picture: Image.Image, size: int) -> Image.Image:
+    """The size x size center crop as ADM and DiT make their ImageNet images (`center_crop_arr`):
+    halve with a box filter while the shorter side is at least 2 * size (anti-aliased, cheap
+    on large photos), bicubic-resize the shorter side to exactly `size`, crop the center."""
+    while min(picture.size) >= 2 * size:
+        picture = picture.resize(tuple(side // 2 for side in picture.size), resample=Image.Resampling.BOX)
+    scale = size / min(picture.size)
+    picture = picture.resize(tuple(round(side * scale) for side in picture.size), resample=Image.Resampling.BICUBIC)
+    left, top = (picture.size[0] - size) // 2, (picture.size[1] - size) // 2
+    return picture.crop((left, top, left + size, top + size))
 
 
 def to_array(picture: Image.Image) -> np.ndarray:
@@ -175,7 +177,7 @@ class ImageFolderSource:
     def __init__(self, uri: str, storage_config: StorageConfig | None = None) -> None:
         if not uri:
             raise FileNotFoundError("data.source_uri must name the image folder")
-        self.uri, self.storage = uri, storage_config
+        self.uri, self.storage = storage.absolute(uri), storage_config  # read by workers elsewhere
         self.fs, self.root = storage.fsspec_fs(uri, storage_config)
         if not self.fs.isdir(self.root):
             raise FileNotFoundError(f"image folder {uri} does not exist")
@@ -207,8 +209,12 @@ class ImageFolderSource:
         for key in keys:
             folder = key.split("/")[0] if "/" in key else None
             label = self.classes.index(folder) if folder in self.classes else None
-            path = posixpath.join(base, key)
-            yield ImageRecord(f"{split}/{key}", self.fs.cat_file(path), label, path)
+            uri = storage.join(self.uri, split, key) if self.split_folders else storage.join(self.uri, key)
+            try:
+                image, error = self.fs.cat_file(posixpath.join(base, key)), ""
+            except OSError as failure:  # one bad file (a dangling link, a permission) must not end the job
+                image, error = None, f"{type(failure).__name__}: {failure}"
+            yield ImageRecord(f"{split}/{key}", image, label, uri, error)
 
 
 # ----- Parquet shards -------------------------------------------------------------------------
@@ -224,7 +230,7 @@ class ParquetSource:
     ) -> None:
         if not uri:
             raise FileNotFoundError("data.source_uri must name the Parquet folder")
-        self.uri, self.storage = uri, storage_config
+        self.uri, self.storage = storage.absolute(uri), storage_config  # read by workers elsewhere
         if not storage.exists(uri, storage_config):
             raise FileNotFoundError(f"Parquet source {uri} does not exist")
         top = storage.list_files(uri, ".parquet", storage_config)

@@ -19,7 +19,10 @@ from ecar.config import Config, ConfigError
 @dataclass(frozen=True)
 class LoadedTokenizer:
     model: nn.Module  # has .encode and .decode
-    identity: dict[str, Any]  # kind, uri, sha256: what the manifest records
+    identity: dict[str, Any]  # kind, uri, sha256 (+ what a diffusers config says): what the manifest records
+    # the latent scale the tokenizer was calibrated with (a diffusers VAE's `scaling_factor`);
+    # None: the encode job measures it (1 / std of the latents)
+    latent_scale: float | None = None
 
 
 def load_tokenizer(config: Config) -> LoadedTokenizer:
@@ -32,12 +35,20 @@ def load_tokenizer(config: Config) -> LoadedTokenizer:
         from ecar.tokenizer.pretrained import load_diffusers_vae
 
         model, identity = load_diffusers_vae(uri, config.data.image_channels)
-        channels = identity["latent_channels"]
+        channels, scale = identity["latent_channels"], identity["scaling_factor"]
+        made = config.data.image_size // identity["downsample_factor"]
+        if made != config.model.latent_size:
+            raise ConfigError(
+                f"model.latent_size: {config.model.latent_size} but the VAE at {uri} down-samples "
+                f"{identity['downsample_factor']}x: {config.data.image_size}x{config.data.image_size} images "
+                f"make {made}x{made} latents"
+            )
     else:
         from ecar.tokenizer.vae import load_vae
 
         model, description = load_vae(uri, config.storage)
         identity = {"kind": "kl_vae", "uri": uri, "sha256": description["weights_sha256"]}
+        scale = None
         channels = model.shape.latent_channels
         if description["image_size"] != config.data.image_size:
             raise ConfigError(
@@ -54,7 +65,7 @@ def load_tokenizer(config: Config) -> LoadedTokenizer:
             f"model.latent_channels: {config.model.latent_channels} but the tokenizer at {uri} "
             f"makes {channels}-channel latents"
         )
-    return LoadedTokenizer(model.eval(), identity)
+    return LoadedTokenizer(model.eval(), identity, scale)
 
 
 def decoder_for_manifest(

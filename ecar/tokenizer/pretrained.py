@@ -1,7 +1,10 @@
-"""A user's pretrained diffusers-format AutoencoderKL folder as the tokenizer.
+"""A user's pretrained diffusers-format AutoencoderKL folder as the tokenizer (SD's VAE:
+8x down-sampling, 4 latent channels; any AutoencoderKL folder works).
 
-diffusers is optional: it is imported only here, and only when `tokenizer.kind="diffusers"`.
-Weights are read from safetensors files only (no pickle), from the local folder only.
+diffusers is optional (`pip install 'ecar[diffusers]'`): it is imported only here, and only when
+`tokenizer.kind="diffusers"`. Weights are read from safetensors files only (no pickle), from the
+local folder only. The latent scale is the folder's own `scaling_factor` (config.json), which the
+encode job records in the latent manifest.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from torch import nn
 
 
 class DiffusersTokenizer(nn.Module):
-    """encode: (B, C_img, H, W) in [-1, 1] -> posterior mean (B, C_lat, H/f, W/f), unscaled
-    (the diffusers `scaling_factor` is ignored: ecar measures its own latent scale).
+    """encode: (B, C_img, H, W) in [-1, 1] -> posterior mean (B, C_lat, H/f, W/f), unscaled (the
+    manifest's latent_scale, this VAE's `scaling_factor`, is applied where latents are read).
     Grayscale images are repeated to the RGB the network expects and averaged back on decode."""
 
     def __init__(self, vae: nn.Module, image_channels: int) -> None:
@@ -45,7 +48,8 @@ def folder_sha256(path: str) -> str:
 
 
 def load_diffusers_vae(path: str, image_channels: int) -> tuple[DiffusersTokenizer, dict]:
-    """The wrapped AutoencoderKL (eval mode) and its identity {kind, uri, sha256, latent_channels}."""
+    """The wrapped AutoencoderKL (eval mode) and its identity {kind, uri, sha256, latent_channels,
+    downsample_factor, scaling_factor}, the last three read from the folder's config.json."""
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer.checkpoint_uri={path!r} is not a local diffusers AutoencoderKL folder")
     try:
@@ -53,13 +57,22 @@ def load_diffusers_vae(path: str, image_channels: int) -> tuple[DiffusersTokeniz
     except ImportError:
         raise ImportError(
             "tokenizer.kind=diffusers needs the optional package `diffusers` "
-            "(pip install diffusers); it is not an ecar dependency"
+            "(pip install 'ecar[diffusers]'); it is not a core ecar dependency"
         ) from None
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    if vae.config.get("shift_factor"):
+        # SD3/FLUX VAEs train on (z - shift) * scale; ecar's latents are scale * z only
+        raise ValueError(
+            f"{os.path.join(path, 'config.json')}: shift_factor={vae.config.shift_factor}: VAEs whose "
+            "latents are shifted before scaling are not supported"
+        )
     identity = {
         "kind": "diffusers",
         "uri": os.path.abspath(path),
         "sha256": folder_sha256(path),
         "latent_channels": int(vae.config.latent_channels),
+        # each encoder block but the last halves the resolution
+        "downsample_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "scaling_factor": float(vae.config.scaling_factor),
     }
     return DiffusersTokenizer(vae.eval(), image_channels), identity

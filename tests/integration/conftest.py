@@ -75,7 +75,7 @@ def tampered_latents(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def decodable_checkpoint(tmp_path_factory):
+def decodable_checkpoint(ray_cluster, tmp_path_factory):
     """An ecar-debug export whose latent manifest names a (fresh) KL-VAE tokenizer and real
     Fashion-MNIST test images: everything a sampling trial needs for FID."""
     import torch

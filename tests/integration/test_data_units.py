@@ -1,12 +1,17 @@
-"""The data pipeline's pieces without a Ray cluster: storage (local and loopback S3), sources and
-prepare's quarantine, the tokenizer and FID, the latent reader's validation, job error lines."""
+"""The data pipeline's pieces: storage (local and loopback S3), sources, ADM's center crop and
+prepare's quarantine (prepare's tasks on the local Ray cluster), the tokenizers (ecar's KL-VAE
+and a random-init diffusers AutoencoderKL) and FID, the latent reader's validation, job error
+lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +24,12 @@ from PIL import Image
 from ecar import storage
 from ecar.config import ConfigError
 from ecar.data import quarantine as q
-from ecar.data.encode import ShardEncoder, _write_shard, finalize
+from ecar.data.encode import ShardEncoder, finalize
 from ecar.data.manifest import MANIFEST_NAME, read_manifest, shard_uris
 from ecar.data.prepare import image_shard_uris, prepare_images, read_image_split, read_images_manifest
 from ecar.data.reader import LatentValidationError, read_latents, validate_latents
-from ecar.data.shards import read_table, write_table
-from ecar.data.sources import ImageFolderSource, ParquetSource
+from ecar.data.shards import read_footer, read_table, shard_name, write_table
+from ecar.data.sources import ImageFolderSource, ParquetSource, center_crop
 from ecar.evaluation.fid import frechet_distance, inception_features, inception_path, load_inception
 from ecar.presets import get_config
 from ecar.tokenizer import load_tokenizer
@@ -78,13 +83,55 @@ def test_storage_rejects_unknown_schemes():
 
 
 # ----- sources and prepare ----------------------------------------------------------------------
-def test_prepare_quarantines_bad_files_of_an_image_folder(tmp_path, tmp_storage):
+def jpeg(size: tuple[int, int], seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's preprocessing (guided-diffusion's image_datasets.py, copied by DiT's train.py), verbatim."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+@pytest.mark.parametrize(
+    "size, target, mode",
+    [
+        ((500, 375), 64, "RGB"),
+        ((300, 1000), 128, "RGB"),
+        ((80, 60), 64, "L"),
+        ((28, 28), 32, "L"),
+        ((64, 64), 64, "RGB"),
+    ],
+)
+def test_center_crop_is_adms_center_crop_arr(size, target, mode):
+    """Box halvings while the short side is >= 2x the target, then bicubic, then the center:
+    pixel for pixel what DiT trains on (landscape, portrait, up-sampling, already the size)."""
+    picture = Image.open(io.BytesIO(jpeg(size, seed=sum(size)))).convert(mode)
+    ours = np.asarray(center_crop(picture, target))
+    assert ours.shape[:2] == (target, target)
+    np.testing.assert_array_equal(ours, center_crop_arr(picture, target))
+
+
+@pytest.mark.integration
+def test_prepare_quarantines_bad_files_of_an_image_folder(ray_cluster, tmp_path, tmp_storage):
     tree = tmp_path / "tree"
     for folder in ("coat", "shirt"):
         (tree / folder).mkdir(parents=True)
     (tree / "coat" / "a.png").write_bytes(png((16, 16)))
     (tree / "coat" / "b.png").write_bytes(png((40, 20), "RGB"))  # resized + cropped, made gray
     (tree / "coat" / "truncated.png").write_bytes(png((16, 16))[:60])
+    (tree / "coat" / "dangling.JPEG").symlink_to(tmp_path / "moved-away.JPEG")  # listed, but unreadable
+    (tree / "shirt" / "c.JPEG").write_bytes(jpeg((48, 36)))
+    (tree / "shirt" / "cut.JPEG").write_bytes(jpeg((48, 36))[:-40])  # a download cut short
     (tree / "shirt" / "notes.txt").write_text("not an image")
     (tree / "loose.png").write_bytes(png())  # no class folder: no label
     config = get_config(
@@ -93,29 +140,84 @@ def test_prepare_quarantines_bad_files_of_an_image_folder(tmp_path, tmp_storage)
             "data.source": "image_folder",
             "data.source_uri": str(tree),
             "data.quarantine_limit": 1.0,
+            "data.shard_rows": 4,  # 9 files: 3 shards, 3 tasks
             "model.num_classes": 2,
         },
     )
-    source = ImageFolderSource(str(tree))
-    assert source.class_names() == ["coat", "shirt"]
     manifest = prepare_images(config, tmp_storage)
+    assert manifest["class_names"] == ["coat", "shirt"]
     split = manifest["splits"]["train"]
-    assert (split["rows"], split["quarantined"]) == (2, 3)
-    assert split["quarantine_reasons"] == {q.MISSING_LABEL: 1, q.UNDECODABLE: 2}
-    table = q.read_quarantine([storage.join(tmp_storage, "quarantine", "train", "shard-00000.parquet")])
-    reasons = {row["id"]: row["reason"] for row in table.to_pylist()}
-    assert reasons["train/loose.png"] == q.MISSING_LABEL
-    assert reasons["train/coat/truncated.png"].startswith(q.UNDECODABLE)
-    assert reasons["train/shirt/notes.txt"].startswith(q.UNDECODABLE)
-    images = read_image_split(tmp_storage, "train", 10, config)
-    assert images.shape == (2, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert (split["rows"], split["quarantined"], len(split["shards"])) == (3, 6, 3)
+    assert split["quarantine_reasons"] == {q.MISSING_LABEL: 1, q.UNDECODABLE: 4, q.UNREADABLE: 1}
+    table = q.read_quarantine([storage.join(tmp_storage, "quarantine", "train", shard_name(i)) for i in range(3)])
+    bad = {row["id"]: row for row in table.to_pylist()}
+    assert bad["train/loose.png"]["reason"] == q.MISSING_LABEL
+    for name in ("coat/truncated.png", "shirt/notes.txt"):
+        assert bad[f"train/{name}"]["reason"].startswith(q.UNDECODABLE)
+    assert (
+        bad["train/shirt/cut.JPEG"]["reason"]
+        == f"{q.UNDECODABLE}: OSError: image file is truncated (40 bytes not processed)"
+    )
+    assert bad["train/coat/dangling.JPEG"]["reason"].startswith(f"{q.UNREADABLE}: FileNotFoundError")
+    for name in ("shirt/cut.JPEG", "coat/dangling.JPEG"):  # the quarantine names the file
+        assert bad[f"train/{name}"]["source"] == str(tree / name)
+    # label i is the i-th class folder, and the pixels are ADM's center crop of the file
+    good = pa.concat_tables([read_table(uri) for uri in image_shard_uris(tmp_storage, "train", manifest)]).to_pylist()
+    assert {row["id"]: row["label"] for row in good} == {
+        "train/coat/a.png": 0,
+        "train/coat/b.png": 0,
+        "train/shirt/c.JPEG": 1,
+    }
+    prepared = {row["id"]: np.asarray(Image.open(io.BytesIO(row["image"]))) for row in good}
+    expected = center_crop_arr(Image.open(tree / "shirt" / "c.JPEG").convert("L"), 16)
+    np.testing.assert_array_equal(prepared["train/shirt/c.JPEG"], expected)
     strict = config.override({"data.quarantine_limit": 0.1})
-    with pytest.raises(q.QuarantineLimitExceeded, match=r"3 of 5 rows quarantined .*missing label"):
+    with pytest.raises(q.QuarantineLimitExceeded, match=r"6 of 9 rows quarantined .*missing label"):
         prepare_images(strict, storage.join(tmp_storage, "again"))
     assert not storage.exists(storage.join(tmp_storage, "again", "images.json"))
 
 
-def test_prepare_from_parquet_shards_reruns_only_missing_shards(tmp_path, tmp_storage):
+@pytest.mark.integration
+def test_prepare_runs_its_shards_in_ray_workers(ray_cluster, tmp_path, tmp_storage):
+    """The driver plans; tasks on the cluster read and write: no record is loaded in the
+    driver's process."""
+    tree = tmp_path / "tree"
+    (tree / "only").mkdir(parents=True)
+    for index in range(6):
+        (tree / "only" / f"{index}.png").write_bytes(png(seed=index))
+
+    class WhereLoaded(ImageFolderSource):  # a local class: Ray ships it by value
+        def load(self, split, keys):
+            for record in super().load(split, keys):
+                yield dataclasses.replace(record, source=str(os.getpid()))
+
+    config = get_config("ecar-debug", {"data.shard_rows": 2, "model.num_classes": 1})
+    manifest = prepare_images(config, tmp_storage, source=WhereLoaded(str(tree)))
+    assert manifest["splits"]["train"]["rows"] == 6
+    pids = {
+        pid
+        for uri in image_shard_uris(tmp_storage, "train", manifest)
+        for pid in read_table(uri, columns=["source"]).column("source").to_pylist()
+    }
+    assert pids and str(os.getpid()) not in pids
+
+
+def test_ids_must_be_unique_across_the_shards_of_a_split(tmp_storage):
+    empty = q.Quarantine()
+    shards = []
+    for index, ids in enumerate((["a", "b"], ["c", "a"])):
+        uri, quarantine_uri = (storage.join(tmp_storage, kind, shard_name(index)) for kind in ("out", "quarantine"))
+        write_table(uri, pa.table({"id": ids}))
+        empty.write(quarantine_uri)
+        shards.append((shard_name(index), uri, quarantine_uri, 2))
+    with pytest.raises(ValueError, match=r"duplicate id 'a' in .*shard-00001.parquet and .*shard-00000.parquet"):
+        q.verify_split("test", shards, 0.0)
+    write_table(shards[1][1], pa.table({"id": ["c", "d"]}))
+    assert q.verify_split("test", shards, 0.0)[0]["rows"] == 4
+
+
+@pytest.mark.integration
+def test_prepare_from_parquet_shards_reruns_only_missing_shards(ray_cluster, tmp_path, tmp_storage):
     source_root = tmp_path / "parquet"
     (source_root / "train").mkdir(parents=True)
     rows = [{"image": png(seed=i), "label": i % 3 if i != 4 else None} for i in range(10)]
@@ -140,7 +242,8 @@ def test_prepare_from_parquet_shards_reruns_only_missing_shards(tmp_path, tmp_st
     assert ParquetSource(str(source_root), num_classes=3).keys("train")[:2] == ["part-0.parquet#0", "part-0.parquet#1"]
 
 
-def test_fashion_mnist_is_resized_to_the_configured_resolution(tmp_storage):
+@pytest.mark.integration
+def test_fashion_mnist_is_resized_to_the_configured_resolution(ray_cluster, tmp_storage):
     config = get_config("ecar-fmnist", {"data.shard_rows": 8})
     manifest = prepare_images(config, tmp_storage, splits=["test"], limit_per_split=8)
     assert manifest["class_names"][9] == "Ankle boot"
@@ -182,17 +285,49 @@ def test_tokenizer_checkpoint_round_trip_and_checks(tmp_storage):
         load_vae(uri)
 
 
-def test_diffusers_tokenizer_needs_the_optional_package(tmp_path):
-    pytest.importorskip("ecar")
-    try:
-        import diffusers  # noqa: F401
-
-        pytest.skip("diffusers is installed here")
-    except ImportError:
-        pass
+def test_diffusers_tokenizer_needs_the_optional_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as on a machine without it: import fails
     config = get_config("ecar-debug", {"tokenizer.kind": "diffusers", "tokenizer.checkpoint_uri": str(tmp_path)})
-    with pytest.raises(ImportError, match="optional package `diffusers`"):
+    with pytest.raises(ImportError, match=r"optional package `diffusers` \(pip install 'ecar\[diffusers\]'\)"):
         load_tokenizer(config)
+
+
+def test_a_diffusers_vae_folder_is_the_tokenizer_with_its_own_shape_and_scale(tiny_sd_vae, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from ecar.tokenizer.pretrained import folder_sha256
+
+    overrides = {"tokenizer.kind": "diffusers", "tokenizer.checkpoint_uri": tiny_sd_vae, "data.image_size": 64}
+    config = get_config("ecar-debug", {**overrides, "data.image_channels": 3})
+    tokenizer = load_tokenizer(config)
+    assert tokenizer.latent_scale == json.loads((Path(tiny_sd_vae) / "config.json").read_text())["scaling_factor"]
+    assert tokenizer.identity == {
+        "kind": "diffusers",
+        "uri": tiny_sd_vae,
+        "sha256": folder_sha256(tiny_sd_vae),
+        "latent_channels": 4,
+        "downsample_factor": 8,
+        "scaling_factor": 0.5,
+    }
+    reference = AutoencoderKL.from_pretrained(tiny_sd_vae).eval()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        latents = tokenizer.model.encode(images)  # unscaled: the posterior mean
+        torch.testing.assert_close(latents, reference.encode(images).latent_dist.mean)
+        assert latents.shape == (2, 4, 8, 8)
+        assert tokenizer.model.decode(latents).shape == (2, 3, 64, 64)
+        gray = load_tokenizer(get_config("ecar-debug", overrides)).model  # repeated to RGB, averaged back
+        assert gray.decode(gray.encode(images[:, :1])).shape == (2, 1, 64, 64)
+    with pytest.raises(
+        ConfigError, match=r"model.latent_size: 8 but the VAE .* down-samples 8x: 32x32 images make 4x4"
+    ):
+        load_tokenizer(config.override({"data.image_size": 32}))
+    shifted = tmp_path / "shifted"
+    shutil.copytree(tiny_sd_vae, shifted)
+    described = json.loads((shifted / "config.json").read_text())
+    (shifted / "config.json").write_text(json.dumps({**described, "shift_factor": 0.1}))
+    with pytest.raises(ValueError, match="shift_factor=0.1: VAEs whose latents are shifted"):
+        load_tokenizer(config.override({"tokenizer.checkpoint_uri": str(shifted)}))
 
 
 def test_perceptual_features_load_the_shipped_weights():
@@ -231,9 +366,9 @@ def test_inception_features_are_the_reference_networks_on_the_tf_input_range():
 
 # ----- the latent reader's validation -------------------------------------------------------------
 @pytest.fixture(scope="module")
-def latent_set(tmp_path_factory):
-    """A small latent data set made by the encode code path, without Ray: ShardEncoder on each
-    prepared shard, then _write_shard and finalize."""
+def latent_set(ray_cluster, tmp_path_factory):
+    """A small latent data set made by the encode code path without its actor pool: prepared
+    shards, ShardEncoder.encode_shard on each, then finalize."""
     root = tmp_path_factory.mktemp("latents")
     images_uri, output = str(root / "images"), str(root / "latents")
     tokenizer_uri = str(root / "tok")
@@ -242,15 +377,11 @@ def latent_set(tmp_path_factory):
     torch.manual_seed(0)
     save_vae(KLVAE(vae_shape(base)), tokenizer_uri, 16)
     config = base.override({"tokenizer.checkpoint_uri": tokenizer_uri})
-    encoder = ShardEncoder(config.to_dict(), num_classes=10)
+    encoder = ShardEncoder(config.to_dict(), num_classes=10, output_uri=output)
     images = read_images_manifest(images_uri, config)
     for uri in image_shard_uris(images_uri, "train", images):
-        batch = {k: np.asarray(v, dtype=object) for k, v in read_table(uri).to_pydict().items()}
-        batch["path"] = np.asarray([uri] * len(batch["id"]), dtype=object)
-        out = encoder(batch)
-        _write_shard(output, "train", uri.rsplit("/", 1)[-1], [{k: v for k, v in out.items() if k != "path"}], config)
-    identity = load_tokenizer(config).identity
-    finalize(config, images_uri, images, output, identity, [4, 8, 8])
+        assert encoder.encode_shard(uri, "train", uri.rsplit("/", 1)[-1]) == (read_footer(uri)[0],) * 2
+    finalize(config, images_uri, images, output, load_tokenizer(config), [4, 8, 8])
     return output
 
 
@@ -388,3 +519,13 @@ def test_ray_storage_is_rays_native_s3_on_aws_and_s3fs_behind_an_endpoint(monkey
 
     local, filesystem = storage.ray_storage(str(tmp_path / "runs"))
     assert filesystem is None and local == str((tmp_path / "runs").resolve()) and (tmp_path / "runs").is_dir()
+
+
+def test_prepare_names_a_missing_image_folder_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import jobs.prepare
+
+    monkeypatch.setattr(jobs.prepare, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray")))
+    missing = tmp_path / "imagenet"
+    assert jobs.prepare.main(["--preset", "ecar-b", f"data.source_uri={missing}", "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"ecar prepare: image folder {missing} does not exist"
+    assert not (tmp_path / "o").exists()

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def latent_manifest(tmp_path_factory):
+def latent_manifest(ray_cluster, tmp_path_factory):
     """Prepared test images plus a latent manifest naming them as its source."""
     root = tmp_path_factory.mktemp("evaluate")
     config = get_config("ecar-debug")
