@@ -14,7 +14,7 @@ import sys
 
 from ecar import storage
 from ecar.config import Config
-from ecar.data.prepare import prepare_images
+from ecar.data.prepare import claim_images_output, prepare_images
 from ecar.data.sources import open_source
 from ecar.runtime import init_ray
 from jobs._common import base_parser, run
@@ -28,6 +28,7 @@ def work(args: argparse.Namespace, config: Config) -> str:
         storage.check_access(config.data.source_uri, "data.source_uri", storage=config.storage)
     storage.check_access(output, "--output", write=True, storage=config.storage)
     source = open_source(config.data, config.storage, config.model.num_classes)  # a bad path fails before Ray
+    claim_images_output(config, output, source, args.limit)  # another run's shards there: refused before Ray
     init_ray(args.address)
     manifest = prepare_images(config, output, source, limit_per_split=args.limit)
     parts = ", ".join(

@@ -31,7 +31,7 @@ from ecar.config import Config, ConfigError
 from ecar.data import quarantine as q
 from ecar.data.manifest import LATENT_DTYPE, SCHEMA_VERSION, latent_shard_uri, quarantine_shard_uri, write_manifest
 from ecar.data.prepare import image_shard_uris, pixels_to_unit, read_images_manifest
-from ecar.data.shards import read_footer, write_table
+from ecar.data.shards import is_complete, read_footer, write_table
 from ecar.data.sources import BadImage, decode_image, to_array, to_mode
 from ecar.log import get_logger
 from ecar.progress import Progress
@@ -247,7 +247,7 @@ def encode_latents(
     for split in images["splits"]:
         for uri in image_shard_uris(images_uri, split, images):
             name = uri.rsplit("/", 1)[-1]
-            if not storage.exists(latent_shard_uri(output_uri, split, name), config.storage):
+            if not is_complete(latent_shard_uri(output_uri, split, name), config.storage):
                 pending.append({"uri": uri, "split": split, "name": name})
     total = sum(len(s["shards"]) for s in images["splits"].values())
     log.info("encode: %d image shards, %d already encoded, %d to do", total, total - len(pending), len(pending))

@@ -24,7 +24,7 @@ import pyarrow as pa
 from ecar import storage
 from ecar.config import Config
 from ecar.data import quarantine as q
-from ecar.data.shards import IMAGE_SCHEMA, read_table, shard_name, write_table
+from ecar.data.shards import IMAGE_SCHEMA, is_complete, read_table, shard_name, write_table
 from ecar.data.sources import (
     BadImage,
     ImageRecord,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch only for read_image_split: prepare's tasks start with
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "images.json"
+CLAIM_NAME = "prepare-run.json"  # what the folder holds, written before the first shard
 log = get_logger(__name__)
 
 
@@ -125,6 +126,7 @@ def prepare_images(
     quick runs); it is recorded in the manifest. Needs Ray running when shards are missing."""
     store, output_uri = config.storage, storage.absolute(output_uri)  # written by workers elsewhere
     source = source or open_source(config.data, store, config.model.num_classes)
+    claim_images_output(config, output_uri, source, limit_per_split)
     class_names = source.class_names() or [str(i) for i in range(config.model.num_classes)]
     plan: dict[str, list[int]] = {}  # split -> input rows of each shard
     pending: list[dict[str, Any]] = []
@@ -132,8 +134,12 @@ def prepare_images(
         keys = source.keys(split)[:limit_per_split]
         chunks = [keys[i : i + config.data.shard_rows] for i in range(0, len(keys), config.data.shard_rows)]
         plan[split] = [len(chunk) for chunk in chunks]
-        done = set(storage.list_files(storage.join(output_uri, split), ".parquet", store))
-        todo = [i for i in range(len(chunks)) if _shard_uris(output_uri, split, i)[0] not in done]
+        listed = set(storage.list_files(storage.join(output_uri, split), ".parquet", store))
+        todo = [
+            i
+            for i in range(len(chunks))
+            if (uri := _shard_uris(output_uri, split, i)[0]) not in listed or not is_complete(uri, store)
+        ]
         pending += [{"split": split, "index": i, "keys": chunks[i]} for i in todo]
         log.info("prepare %s/%s: %d shards, %d already there", source.name, split, len(chunks), len(chunks) - len(todo))
     if pending:
@@ -152,7 +158,7 @@ def prepare_images(
         "kind": "images",
         "source": {
             "kind": source.name,
-            "uri": getattr(source, "uri", getattr(source, "root", "")),
+            "uri": _source_uri(source),
             "limit_per_split": limit_per_split,
         },
         "image_size": config.data.image_size,
@@ -162,6 +168,30 @@ def prepare_images(
     }
     storage.write_text_atomic(storage.join(output_uri, MANIFEST_NAME), json.dumps(manifest, indent=2), store)
     return manifest
+
+
+def _source_uri(source: ImageSource) -> str:
+    return getattr(source, "uri", getattr(source, "root", ""))
+
+
+def claim_images_output(config: Config, output_uri: str, source: ImageSource, limit_per_split: int | None) -> None:
+    """Record what `output_uri` holds (or check that a re-run asks for the same): shards of
+    another source, size, channel count or shard layout must never be mixed with these, nor an
+    images.json describe shards it did not write. Call before Ray starts."""
+    storage.claim_output(
+        storage.absolute(output_uri),
+        {
+            "source": source.name,
+            "source_uri": _source_uri(source),
+            "image_size": config.data.image_size,
+            "image_channels": config.data.image_channels,
+            "shard_rows": config.data.shard_rows,
+            "limit_per_split": limit_per_split,
+        },
+        "image shards",
+        CLAIM_NAME,
+        config.storage,
+    )
 
 
 def _run_tasks(

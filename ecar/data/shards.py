@@ -1,7 +1,8 @@
 """Parquet shards on storage: deterministic names, whole-file atomic writes, footer metadata.
 
-A shard is written in one piece (serialised in memory, then one atomic write), so a shard that
-exists is complete: re-runs skip it, and a killed job leaves either the whole shard or nothing.
+A shard is written in one piece (serialised in memory, then one atomic write), so a killed job
+leaves either the whole shard or nothing; re-runs skip the shards that are there and readable
+(`is_complete`) and rewrite any other.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import pyarrow.parquet as pq
 
 from ecar import storage
 from ecar.config import StorageConfig
+from ecar.log import get_logger
+
+log = get_logger(__name__)
 
 IMAGE_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("source", pa.string())])
 METADATA_KEY = b"ecar"
@@ -51,6 +55,19 @@ def _naming(uri: str) -> Iterator[None]:
         raise
     except (pa.ArrowException, OSError) as error:
         raise ShardError(f"{uri}: not a readable Parquet shard (truncated or corrupt?): {error}") from None
+
+
+def is_complete(uri: str, storage_config: StorageConfig | None = None) -> bool:
+    """A re-run skips a shard only if it is there and readable: an atomic write leaves the whole
+    file or none, but a copy, a sync or a disk can still leave a truncated one, to be rewritten."""
+    try:
+        read_footer(uri, storage_config)
+    except FileNotFoundError:
+        return False
+    except ShardError as error:
+        log.warning("rewriting %s", error)
+        return False
+    return True
 
 
 def read_table(uri: str, storage_config: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:

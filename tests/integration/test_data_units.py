@@ -237,8 +237,13 @@ def test_prepare_from_parquet_shards_reruns_only_missing_shards(ray_cluster, tmp
     storage.delete(shard)
     storage.delete(storage.join(tmp_storage, "images.json"))
     kept = storage.read_bytes(storage.join(tmp_storage, "train", "shard-00000.parquet"))
+    # a truncated shard (a copy cut short) is rewritten, not skipped
+    truncated = storage.join(tmp_storage, "train", "shard-00002.parquet")
+    whole = storage.read_bytes(truncated)
+    storage.write_bytes_atomic(truncated, whole[: len(whole) // 2])
     assert prepare_images(config, tmp_storage) == first
     assert storage.read_bytes(storage.join(tmp_storage, "train", "shard-00000.parquet")) == kept
+    assert storage.read_bytes(truncated) == whole
     assert ParquetSource(str(source_root), num_classes=3).keys("train")[:2] == ["part-0.parquet#0", "part-0.parquet#1"]
 
 
@@ -529,3 +534,32 @@ def test_prepare_names_a_missing_image_folder_before_ray_starts(tmp_path, monkey
     assert jobs.prepare.main(["--preset", "ecar-b", f"data.source_uri={missing}", "--output", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"ecar prepare: image folder {missing} does not exist"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "override, differs", [("data.image_size=32", "image_size"), ("data.shard_rows=3", "shard_rows")]
+)
+def test_prepare_refuses_to_mix_another_runs_shards_before_ray(
+    ray_cluster, tmp_path, monkeypatch, capsys, override, differs
+):
+    """A re-run into the same output with another size exited 0 and rewrote images.json to
+    describe shards it had not written; with another shard layout it left stray shards."""
+    import jobs.prepare
+
+    source_root = tmp_path / "parquet"
+    (source_root / "train").mkdir(parents=True)
+    rows = [{"image": png(seed=i), "label": i % 3} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), source_root / "train" / "part-0.parquet")
+    output = tmp_path / "images"
+    argv = ["--preset", "ecar-debug", "--output", str(output), "data.source=parquet", f"data.source_uri={source_root}"]
+    argv += ["data.shard_rows=4", "model.num_classes=3"]
+    assert jobs.prepare.main(argv) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    monkeypatch.setattr(jobs.prepare, "init_ray", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray")))
+    assert jobs.prepare.main([*argv, override]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{output} already holds image shards of a different run" in error
+    assert differs in error
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before  # nothing written
