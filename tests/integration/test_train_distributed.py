@@ -207,15 +207,25 @@ def test_a_resume_with_changed_settings_or_data_is_refused_unless_allowed(
 
     base = _config(s3_latents, output_root, mlflow_server, "train.zero_stage=2", "train.steps=2")
     first = train_job(base, "changed")
-    argv = ["--preset", "ecar-debug", "--output", output_root, "--name", "changed", *BASE]
-    argv += ["train.zero_stage=2", f"tracking.tracking_uri={mlflow_server}", "train.steps=3"]
+
+    def argv(manifest, *extra):  # the options first: argparse takes the overrides as one trailing list
+        options = ["--preset", "ecar-debug", "--output", output_root, "--name", "changed", "--manifest", manifest]
+        return [
+            *options,
+            *BASE,
+            "train.zero_stage=2",
+            f"tracking.tracking_uri={mlflow_server}",
+            "train.steps=3",
+            *extra,
+        ]
+
     # train.steps may change (the run goes on), the learning rate may not
-    assert main([*argv, "--manifest", s3_latents, "train.lr=1e-3"]) == 2
+    assert main(argv(s3_latents, "train.lr=1e-3")) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "train.lr: 0.002 -> 0.001" in error and "--allow-changes" in error
     # the same shapes, other values: only the manifest's content hash tells them apart
     other = write_synthetic_latents(f"{s3_latents.rsplit('/', 1)[0]}/other-latents", seed=1)
-    assert main([*argv, "--manifest", other]) == 2
+    assert main(argv(other)) == 2
     error = capsys.readouterr().err
     assert "data set:" in error and other in error
     assert storage.list_files(storage.join(first.run_uri, "checkpoint_00000003")) == []  # nothing ran
