@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--driver-memory", type=int, nargs="+", metavar="N", help="data-set sizes to measure")
     parser.add_argument("--work", default="outputs/bench-encode-memory", help="--driver-memory's scratch folder")
     parser.add_argument(
-        "--encode-in-this-process", nargs=3, metavar=("ADDRESS", "IMAGES", "LATENTS"), help=argparse.SUPPRESS
+        "--encode-in-this-process", nargs=4, metavar=("ADDRESS", "IMAGES", "LATENTS", "REPORT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.encode_in_this_process:
@@ -219,11 +219,12 @@ def driver_memory(args: argparse.Namespace) -> int:
         prepare_images(config, images, splits=["train"], limit_per_split=size)
         child = [sys.executable, __file__, "--preset", args.preset, "--actors", str(args.actors)]
         child += ["--cpus-per-actor", str(args.cpus_per_actor), "--batch-size", str(args.batch_size)]
-        child += ["--tokenizer", tokenizer_uri, "--encode-in-this-process", address, images, latents]
+        report = work / f"driver-{size}.json"
+        child += ["--tokenizer", tokenizer_uri, "--encode-in-this-process", address, images, latents, str(report)]
         done = subprocess.run(child, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"the encode driver for {size} images failed:\n{done.stderr[-3000:]}")
-        sizes[str(size)] = json.loads(done.stdout.strip().splitlines()[-1])
+        sizes[str(size)] = json.loads(report.read_text())
         print(f"{size} images: {sizes[str(size)]}", flush=True)
     peaks = [entry["peak_rss_mb"] for entry in sizes.values()]
     result = {
@@ -248,8 +249,8 @@ def driver_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def encode_and_report_memory(args: argparse.Namespace, address: str, images: str, latents: str) -> int:
-    """The measured driver: connect, encode, print one JSON line of memory figures."""
+def encode_and_report_memory(args: argparse.Namespace, address: str, images: str, latents: str, report: str) -> int:
+    """The measured driver: connect, encode, write its memory figures to `report` (JSON)."""
     import resource
     import threading
 
@@ -284,7 +285,7 @@ def encode_and_report_memory(args: argparse.Namespace, address: str, images: str
         "latent_mb": round(rows * 4 * int(np.prod(manifest["latent_shape"])) / 2**20, 1),
         "encode_seconds": round(seconds, 1),
     }
-    print(json.dumps(figures))
+    Path(report).write_text(json.dumps(figures))
     return 0
 
 

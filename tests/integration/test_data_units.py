@@ -140,24 +140,21 @@ def test_prepare_quarantines_bad_files_of_an_image_folder(ray_cluster, tmp_path,
             "data.source": "image_folder",
             "data.source_uri": str(tree),
             "data.quarantine_limit": 1.0,
-            "data.shard_rows": 4,  # 9 files: 3 shards, 3 tasks
+            "data.shard_rows": 4,  # 8 files: 2 shards, 2 tasks
             "model.num_classes": 2,
         },
     )
     manifest = prepare_images(config, tmp_storage)
     assert manifest["class_names"] == ["coat", "shirt"]
     split = manifest["splits"]["train"]
-    assert (split["rows"], split["quarantined"], len(split["shards"])) == (3, 6, 3)
-    assert split["quarantine_reasons"] == {q.MISSING_LABEL: 1, q.UNDECODABLE: 4, q.UNREADABLE: 1}
-    table = q.read_quarantine([storage.join(tmp_storage, "quarantine", "train", shard_name(i)) for i in range(3)])
+    assert (split["rows"], split["quarantined"], len(split["shards"])) == (3, 5, 2)
+    assert split["quarantine_reasons"] == {q.MISSING_LABEL: 1, q.UNDECODABLE: 3, q.UNREADABLE: 1}
+    table = q.read_quarantine([storage.join(tmp_storage, "quarantine", "train", shard_name(i)) for i in range(2)])
     bad = {row["id"]: row for row in table.to_pylist()}
     assert bad["train/loose.png"]["reason"] == q.MISSING_LABEL
     for name in ("coat/truncated.png", "shirt/notes.txt"):
         assert bad[f"train/{name}"]["reason"].startswith(q.UNDECODABLE)
-    assert (
-        bad["train/shirt/cut.JPEG"]["reason"]
-        == f"{q.UNDECODABLE}: OSError: image file is truncated (40 bytes not processed)"
-    )
+    assert bad["train/shirt/cut.JPEG"]["reason"].startswith(f"{q.UNDECODABLE}: OSError: image file is truncated")
     assert bad["train/coat/dangling.JPEG"]["reason"].startswith(f"{q.UNREADABLE}: FileNotFoundError")
     for name in ("shirt/cut.JPEG", "coat/dangling.JPEG"):  # the quarantine names the file
         assert bad[f"train/{name}"]["source"] == str(tree / name)
@@ -172,7 +169,7 @@ def test_prepare_quarantines_bad_files_of_an_image_folder(ray_cluster, tmp_path,
     expected = center_crop_arr(Image.open(tree / "shirt" / "c.JPEG").convert("L"), 16)
     np.testing.assert_array_equal(prepared["train/shirt/c.JPEG"], expected)
     strict = config.override({"data.quarantine_limit": 0.1})
-    with pytest.raises(q.QuarantineLimitExceeded, match=r"6 of 9 rows quarantined .*missing label"):
+    with pytest.raises(q.QuarantineLimitExceeded, match=r"5 of 8 rows quarantined .*missing label"):
         prepare_images(strict, storage.join(tmp_storage, "again"))
     assert not storage.exists(storage.join(tmp_storage, "again", "images.json"))
 

@@ -22,7 +22,7 @@ from ecar.tokenizer import decoder_for_manifest, load_tokenizer
 from ecar.train.ema import EMA
 from ecar.train.loop import TorchBackend, TrainState, train
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]  # two actor pools start: minutes on a busy machine
 
 
 def test_a_diffusers_vae_goes_through_encode_train_sample_decode(ray_cluster, tiny_sd_vae, class_folders, tmp_path):
@@ -60,7 +60,7 @@ def test_a_diffusers_vae_goes_through_encode_train_sample_decode(ray_cluster, ti
     pixels = read_image_split(images_uri, "train", 16, config)
     latents, labels = read_latents(latents_uri, "train", 16)
     with torch.no_grad():
-        torch.testing.assert_close(latents, scaling_factor * vae.encode(pixels), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(latents, scaling_factor * vae.encode(pixels), rtol=1e-4, atol=1e-4)
     assert sorted(labels.tolist()) == [0] * 8 + [1] * 8
 
     torch.manual_seed(0)
