@@ -57,6 +57,8 @@ def head_node(tmp_path_factory, s3_server):
                 f"--dashboard-port={dashboard}",
                 "--num-cpus=2",
                 "--include-dashboard=true",
+                # the agent's default port (52365) is taken by any other Ray on the machine
+                f"--dashboard-agent-listen-port={free_port()}",
                 "--disable-usage-stats",
                 f"--temp-dir={temp_dir}",
             ],

@@ -42,6 +42,16 @@ def _node_processes(node_name: str) -> list[psutil.Process]:
     return []
 
 
+def _worker_node_args(address: str, name: str) -> list[str]:
+    return [
+        f"--address={address}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        f"--node-name={name}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
+
+
 @pytest.fixture
 def two_nodes(tmp_path):
     """A head with no CPUs (the GCS, the driver's side, the train controller: 0-CPU actors) and a
@@ -63,10 +73,11 @@ def two_nodes(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",  # its default is taken by any other Ray here
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
         )
-        _ray_start(env, f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--node-name=worker-a")
+        _ray_start(env, *_worker_node_args(address, "worker-a"))
         yield address, env, temp_dir
     finally:
         subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
@@ -112,7 +123,7 @@ def test_a_lost_worker_node_is_replaced_and_the_run_resumes_from_its_checkpoint(
         time.sleep(0.2)
     assert killed_after is not None, f"no checkpoint registered before the job ended:\n{job.stdout.read()[-3000:]}"
     time.sleep(5)  # the head notices the dead node, Ray Train the dead workers
-    _ray_start(env, f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--node-name=worker-b")
+    _ray_start(env, *_worker_node_args(address, "worker-b"))
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
     assert f"run lost-node: {steps} steps" in out
