@@ -180,8 +180,8 @@ class DataStream:
             except StopIteration:
                 if attempt:
                     raise RuntimeError(
-                        "this worker's data shard yields no full micro-batch: fewer rows "
-                        "than train.micro_batch_size x workers"
+                        "this worker's data yields no full micro-batch: fewer rows than one global batch "
+                        "(a micro-batch in each stream, see ecar.train.streams)"
                     ) from None
                 self.state.epoch += 1
                 self.state.batches_in_epoch = 0

@@ -79,11 +79,12 @@ def prepare_source(config: Config, manifest_uri: str, split: str = "train") -> M
             f"{manifest['num_classes']} classes"
         )
     rows = int(manifest["splits"][split]["rows"])
-    needed = config.train.micro_batch_size * config.train.num_workers
+    # the data is split into global / micro streams (ecar.train.streams), each a micro-batch a step
+    needed = config.train.global_batch_size
     if rows < needed:
         raise PreflightError(
-            f"train.micro_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one "
-            f"micro-batch of {config.train.micro_batch_size} on each of {config.train.num_workers} workers"
+            f"train.global_batch_size: {rows} {split} rows in {manifest_uri} cannot fill one global batch "
+            f"of {needed} (a micro-batch of {config.train.micro_batch_size} in each of its streams)"
         )
     val_split, val_rows = _validation_rows(config, manifest, manifest_uri)
     # Values too (data.verify_values): a NaN latent, a label outside [0, num_classes) (one equal

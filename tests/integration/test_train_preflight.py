@@ -61,6 +61,22 @@ def test_latent_shape_that_does_not_fit_the_model(no_workers, capsys, s3_latents
     assert s3_latents in error
 
 
+def test_a_data_set_smaller_than_one_global_batch(no_workers, capsys, s3_latents, tmp_path):
+    """Every stream (ecar.train.streams) needs a micro-batch: the set must hold a global batch."""
+    error = _train(
+        capsys,
+        "--preset",
+        "ecar-debug",
+        "--manifest",
+        s3_latents,
+        "--output",
+        str(tmp_path),
+        "train.global_batch_size=512",
+        "train.micro_batch_size=8",
+    )
+    assert "train.global_batch_size: 256 train rows" in error and "global batch of 512" in error
+
+
 def test_missing_manifest(no_workers, capsys, s3_latents, tmp_path):
     missing = s3_latents.rsplit("/", 1)[0] + "/no-latents-here"
     error = _train(capsys, "--preset", "ecar-debug", "--manifest", missing, "--output", str(tmp_path))
