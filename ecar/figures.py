@@ -76,7 +76,7 @@ def loss_curve(history: dict[str, list[tuple[int, float]]]):
         points = sorted(points)
         axes.plot([s for s, _ in points], [v for _, v in points], label=key, linewidth=2.0 if key == "loss" else 1.0)
     axes.set_xlabel("step")
-    axes.set_ylabel("flow-matching loss")
+    axes.set_ylabel("training loss")
     axes.set_yscale("log")
     axes.legend()
     figure.tight_layout()
