@@ -39,8 +39,10 @@ def check_tracking(tracking_uri: str) -> None:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S) as response:
             response.read()
     except (urllib.error.URLError, OSError) as error:
+        from ecar.tracking import redact
+
         raise PreflightError(
-            f"tracking.tracking_uri: the MLflow server at {tracking_uri} does not answer: "
+            f"tracking.tracking_uri: the MLflow server at {redact(tracking_uri)} does not answer: "
             f"{getattr(error, 'reason', error)}"
         ) from None
 

@@ -148,3 +148,18 @@ def test_a_request_the_cluster_cannot_meet_is_refused_before_training(
     monkeypatch.setattr(ecar.train.trainer, "fit", refuse)
     error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path), *overrides)
     assert expected in error and "train.wait_for_resources=true" in error
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_credentials(no_workers, capsys, s3_latents, tmp_path):
+    server = f"http://alice:s3cret@127.0.0.1:{_closed_port()}"
+    error = _train(
+        capsys,
+        "--preset",
+        "ecar-debug",
+        "--manifest",
+        s3_latents,
+        "--output",
+        str(tmp_path),
+        f"tracking.tracking_uri={server}",
+    )
+    assert "tracking.tracking_uri" in error and "s3cret" not in error and "alice" not in error
