@@ -43,7 +43,7 @@ def test_an_imagenet_shaped_run_from_class_folders_to_decoded_samples(
     images, latents, output = (str(tmp_path / name) for name in ("images", "latents", "ecar"))
     data = ["data.shard_rows=16", "data.encode_actors=1", "data.encode_batch_size=16"]
 
-    assert ecar(["prepare", "--preset", "ecar-b", f"data.source_uri={tree}", "--output", images, *data]) == 0
+    assert ecar(["prepare", "--preset", "ecar-b", "--output", images, f"data.source_uri={tree}", *data]) == 0
     prepared = read_images_manifest(images, get_config("ecar-b"))
     assert prepared["class_names"] == CLASSES and prepared["image_size"] == 256 and prepared["image_channels"] == 3
     assert prepared["splits"]["train"]["rows"] == 64 and len(prepared["splits"]["train"]["shards"]) == 4
