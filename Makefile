@@ -24,7 +24,7 @@ lint: install
 	$(PYTHON) -m ruff check .
 
 test: install lint
-	$(PYTHON) -m pytest -m "not slow" -p no:cacheprovider
+	$(PYTHON) -m pytest -m "not slow" -p no:cacheprovider --durations=25
 
 test-all: install
 	$(PYTHON) -m pytest -p no:cacheprovider

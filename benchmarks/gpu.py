@@ -64,7 +64,7 @@ FULL = {
 }
 TINY_MODEL = ["model.width=64", "model.heads=2", "model.flow_depth=2"]
 TINY = {
-    "models": {"ecar-debug": [], "dit-fmnist": [*TINY_MODEL, "model.latent_size=8"]},
+    "models": {"ecar-debug": [], "dit-fmnist": [*TINY_MODEL, "model.latent_size=8", "stages.grids=[8]"]},
     "steps": 4,
     "batch": 8,
     "log_every": 2,

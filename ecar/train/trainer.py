@@ -23,8 +23,8 @@ from ecar.log import get_logger
 
 log = get_logger(__name__)
 
-# A worker's last report carries this key when it ended the run on purpose (a non-finite loss);
-# the driver turns it back into the error instead of a finished run.
+# A worker returns {STOPPED_KEY: reason} (and reports it) when it ended the run on purpose (a
+# non-finite loss); the driver turns it back into the error instead of a finished run.
 STOPPED_KEY = "stopped"
 
 
@@ -60,8 +60,10 @@ def export_uri(config: Config, name: str) -> str:
 
 
 # ----- inside each worker ---------------------------------------------------------------------
-def train_worker(arguments: dict[str, Any]) -> None:
-    """The per-worker function of the TorchTrainer (every rank runs it)."""
+def train_worker(arguments: dict[str, Any]) -> dict[str, str] | None:
+    """The per-worker function of the TorchTrainer (every rank runs it). Returns
+    `{STOPPED_KEY: reason}` when the run stopped on purpose (rank 0's value reaches the driver as
+    the result's return value; the result's metrics are only the last checkpoint's)."""
     import ray.train
     import ray.train.torch
 
@@ -117,8 +119,9 @@ def train_worker(arguments: dict[str, Any]) -> None:
         # count as a worker failure, and Ray Train would replay the same batches with the same
         # seeds from the same checkpoint into the same NaN, max_failures times (forever at -1).
         events.stop(state, str(error))
-        return
+        return {STOPPED_KEY: str(error)}
     events.finish(state)
+    return None
 
 
 class RunEvents:
@@ -364,7 +367,7 @@ def fit(
     try:
         with training_progress(tracking_uri, mlflow_run_id, train.steps, f"train {name}"):
             result = trainer.fit()
-        stopped = (result.metrics or {}).get(STOPPED_KEY)
+        stopped = (result.return_value or {}).get(STOPPED_KEY)
         if stopped:  # ended on purpose, without an export
             from ecar.train.loop import NonFiniteLossError
 

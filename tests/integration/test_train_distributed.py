@@ -207,6 +207,7 @@ def test_a_resume_with_changed_settings_or_data_is_refused_unless_allowed(
 
     base = _config(s3_latents, output_root, mlflow_server, "train.zero_stage=2", "train.steps=2")
     first = train_job(base, "changed")
+    capsys.readouterr()  # the first run's own log lines (MLflow's among them)
 
     def argv(manifest, *extra):  # the options first: argparse takes the overrides as one trailing list
         options = ["--preset", "ecar-debug", "--output", output_root, "--name", "changed", "--manifest", manifest]
