@@ -18,7 +18,7 @@ So:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -195,14 +195,10 @@ def encode_latents(
     config: Config,
     images_uri: str,
     output_uri: str,
-    fault_after_shards: int | None = None,
-    on_shard: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Encode every prepared image shard under `images_uri` into `output_uri`; returns the manifest.
-
-    `fault_after_shards` (tests): raise once that many shards of this run are written, as a job
-    killed half-way would stop (shards in flight may still land, whole). `on_shard(split, name)`
-    is called on the driver after each shard is written. Needs Ray running.
+    A re-run (after a killed driver, a lost store) encodes only the shards not yet complete.
+    Needs Ray running.
     """
     # recorded in the manifest, read and written by processes that run elsewhere: never relative
     images_uri, output_uri = storage.absolute(images_uri), storage.absolute(output_uri)
@@ -253,7 +249,7 @@ def encode_latents(
     log.info("encode: %d image shards, %d already encoded, %d to do", total, total - len(pending), len(pending))
     if pending:
         rows = sum(read_footer(task["uri"], config.storage)[0] for task in pending)
-        _run_encoders(config, pending, rows, len(class_names), output_uri, fault_after_shards, on_shard)
+        _run_encoders(config, pending, rows, len(class_names), output_uri)
     return finalize(config, images_uri, images, output_uri, tokenizer, shape)
 
 
@@ -263,8 +259,6 @@ def _run_encoders(
     rows: int,
     num_classes: int,
     output_uri: str,
-    fault_after_shards: int | None,
-    on_shard: Callable[[str, str], None] | None,
 ) -> None:
     """The actor pool over the pending shards; the driver counts what comes back."""
     import ray
@@ -293,10 +287,6 @@ def _run_encoders(
             progress.update(int(shard["rows"]))
             written += 1
             log.debug("encode: %s/%s written (%d this run)", shard["split"], shard["name"], written)
-            if on_shard:
-                on_shard(str(shard["split"]), str(shard["name"]))
-            if fault_after_shards is not None and written >= fault_after_shards:
-                raise RuntimeError(f"fault injected after {written} shards")
 
 
 def finalize(

@@ -258,10 +258,10 @@ def _parent_run(
     return run_id, resumed
 
 
-def _smoke_base(sweep: Sweep, base: Config, manifest_uri: str) -> tuple[Config, str]:
-    """A smoke test's config and data: tiny settings, and synthetic latents of the preset's
-    shape under the storage root when no data set is given."""
-    config = base.override(SMOKE_OVERRIDES)
+def _smoke_base(sweep: Sweep, base: Config, manifest_uri: str, overrides: list[str]) -> tuple[Config, str]:
+    """A smoke test's config and data: tiny settings (the user's own overrides still win), and
+    synthetic latents of the preset's shape under the storage root when no data set is given."""
+    config = base.override(SMOKE_OVERRIDES).override(overrides)
     if not manifest_uri and not config.data.manifest_uri:
         from ecar.train.synthetic import write_synthetic_latents
 
@@ -306,7 +306,7 @@ def run_sweep(sweep: Sweep, options: SweepOptions) -> SweepResult:
     if options.smoke_test:
         space, num_samples = smoke_space(space)
         if sweep.kind == "train":
-            base, manifest_uri = _smoke_base(sweep, base, manifest_uri)
+            base, manifest_uri = _smoke_base(sweep, base, manifest_uri, list(options.overrides))
     name = options.name or f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Trials run in other processes (and Tune may move them into their own folders): local
     # paths must not be relative. Tune's chdir into the trial folder is off for the same reason.

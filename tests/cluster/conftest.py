@@ -18,8 +18,10 @@ from ecar.tracking import free_port
 
 @dataclass(frozen=True)
 class HeadNode:
-    address: str
+    address: str  # the dashboard's (job submission)
     headers: dict[str, str]
+    gcs_address: str  # what a driver passes as --address
+    env: dict[str, str]  # a driver's environment for this cluster (its auth token)
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -42,6 +44,7 @@ def head_node(tmp_path_factory, s3_server):
     token.write_text(uuid.uuid4().hex)
     env["RAY_AUTH_TOKEN_PATH"] = str(token)
     address = f"http://127.0.0.1:{dashboard}"
+    gcs_port = free_port()
     # the client sends this cluster's token itself: Ray reads RAY_AUTH_MODE once per process,
     # so setting it here would be ignored after any earlier test of the session started Ray
     headers = {"Authorization": f"Bearer {token.read_text()}"}
@@ -52,7 +55,7 @@ def head_node(tmp_path_factory, s3_server):
                 "start",
                 "--head",
                 "--node-ip-address=127.0.0.1",
-                f"--port={free_port()}",
+                f"--port={gcs_port}",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard}",
                 "--num-cpus=2",
@@ -82,7 +85,7 @@ def head_node(tmp_path_factory, s3_server):
                 time.sleep(1)
         else:
             raise RuntimeError(f"the head's job API at {address} did not answer within 60 s: {last_error!r}")
-        yield HeadNode(address, headers)
+        yield HeadNode(address, headers, f"127.0.0.1:{gcs_port}", env)
     finally:
         subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
         time.sleep(3)

@@ -1,8 +1,8 @@
 """Fixtures for the integration tests: an MLflow tracking server on loopback, a small synthetic
-latent data set (in the encode job's format) on the loopback S3 server, and an export whose
-samples decode into images (for FID).
+latent data set (in the encode job's format) on the loopback S3 server, and tampered copies of it.
 
-`ray_cluster` and `s3_server` come from tests/conftest.py.
+`ray_cluster`, `s3_server` and `decodable_checkpoint` (an export whose samples decode into
+images) come from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -72,48 +72,3 @@ def tampered_latents(tmp_path_factory) -> dict[str, str]:
             write_table(shard, table)
         prefixes[defect] = prefix
     return prefixes
-
-
-@pytest.fixture(scope="session")
-def decodable_checkpoint(ray_cluster, tmp_path_factory):
-    """An ecar-debug export whose latent manifest names a (fresh) KL-VAE tokenizer and real
-    Fashion-MNIST test images: everything a sampling trial needs for FID."""
-    import torch
-
-    from ecar.data.manifest import SCHEMA_VERSION, write_manifest
-    from ecar.data.prepare import prepare_images
-    from ecar.export import save_exported
-    from ecar.models import build_model
-    from ecar.presets import get_config
-    from ecar.tokenizer.vae import KLVAE, save_vae, vae_shape
-
-    root = tmp_path_factory.mktemp("sampling-sweep")
-    config = get_config("ecar-debug")
-    images_uri = str(root / "images")
-    prepare_images(config, images_uri, splits=["test"], limit_per_split=16)
-    torch.manual_seed(0)
-    tokenizer_uri = str(root / "tokenizer")
-    described = save_vae(KLVAE(vae_shape(config)), tokenizer_uri, config.data.image_size)
-    latents = str(root / "latents")
-    write_manifest(
-        latents,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "kind": "latents",
-            "splits": {},
-            "source": {"images_uri": images_uri},
-            "tokenizer": {"kind": "kl_vae", "uri": tokenizer_uri, "sha256": described["weights_sha256"]},
-            "latent_shape": [config.model.latent_channels, config.model.latent_size, config.model.latent_size],
-            "latent_dtype": "float32",
-            "latent_scale": 1.0,
-            "num_classes": config.model.num_classes,
-            "flip_augment": False,
-        },
-    )
-    model = build_model(config)
-    with torch.no_grad():  # off the zero-initialised outputs, so that the schedule matters
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    export = str(root / "export")
-    save_exported(model.state_dict(), config, export, latent_scale=1.0, manifest_uri=latents)
-    return export

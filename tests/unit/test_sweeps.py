@@ -75,3 +75,13 @@ def test_steps_sweep_keeps_the_stage_count_of_the_checkpoint():
     assert grid == len(schedules) >= 5
     assert all(len(s) == len(base.stages.grids) for s in schedules)
     assert [6, 4, 2] in schedules and [2, 4, 6] in schedules
+
+
+def test_a_smoke_test_keeps_the_users_own_overrides():
+    from ecar.sweeps.runner import SMOKE_OVERRIDES, _smoke_base
+
+    base, _, _ = resolve(load_sweep("lr"), smoke_test=True)
+    config, manifest = _smoke_base(load_sweep("lr"), base, "s3://bucket/latents", ["train.steps=12"])
+    assert manifest == "s3://bucket/latents"
+    assert config.train.steps == 12  # the user's, not the smoke test's 6
+    assert config.train.checkpoint_every == SMOKE_OVERRIDES["train.checkpoint_every"]
