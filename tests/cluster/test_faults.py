@@ -62,6 +62,28 @@ def _files(root: str) -> set[str]:
     return {found.removeprefix(path.rstrip("/") + "/") for found in fs.find(path)}
 
 
+# ----- prepare ----------------------------------------------------------------------------------
+def test_a_prepare_driver_killed_mid_run_reruns_to_the_uninterrupted_output(head_node, many_images, tmp_path):
+    from ecar.data.shards import read_table
+
+    output = str(tmp_path / "images")
+    command = [
+        "jobs.prepare", "--preset", "ecar-debug", "--output", output, "--limit", "640",
+        "--address", head_node.gcs_address, "data.shard_rows=16",
+    ]  # fmt: skip
+    job = _start(command, head_node.env)
+    shards = lambda: sum(len(storage.list_files(storage.join(output, split), ".parquet")) for split in SPLITS)  # noqa: E731
+    _kill_when(job, lambda: shards() >= 8, "8 of 80 shards were written")
+    assert not storage.exists(storage.join(output, "images.json"))
+    _run(command, head_node.env)
+
+    # `many_images` is the same data set prepared in one uninterrupted run
+    assert _files(output) == _files(many_images)  # no partial or stray shard
+    for name in sorted(_files(many_images)):
+        if name.endswith(".parquet"):
+            assert read_table(storage.join(output, name)).equals(read_table(storage.join(many_images, name))), name
+
+
 # ----- encode -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def many_images(ray_cluster, tmp_path_factory) -> str:

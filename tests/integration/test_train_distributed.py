@@ -312,6 +312,9 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
+# slow tier (~4 min on 2 cores): the default tier keeps the relaunch-resume test, the slow tier
+# also has a whole worker node lost (tests/cluster/test_node_failure.py)
+@pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(
     ray_cluster, s3_latents, output_root, mlflow_server
