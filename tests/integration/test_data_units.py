@@ -32,7 +32,7 @@ from ecar.data.shards import read_footer, read_table, shard_name, write_table
 from ecar.data.sources import ImageFolderSource, ParquetSource, center_crop
 from ecar.evaluation.fid import frechet_distance, inception_features, inception_path, load_inception
 from ecar.presets import get_config
-from ecar.tokenizer import load_tokenizer
+from ecar.tokenizer import decoder_for_manifest, load_tokenizer
 from ecar.tokenizer.vae import KLVAE, load_vae, save_vae, vae_shape
 from ecar.train.tokenizer import EfficientNetFeatures, perceptual_distance
 
@@ -285,6 +285,26 @@ def test_tokenizer_checkpoint_round_trip_and_checks(tmp_storage):
     storage.write_bytes_atomic(storage.join(uri, "tokenizer.safetensors"), bytes(blob))
     with pytest.raises(ValueError, match="does not match the hash"):
         load_vae(uri)
+
+
+def test_latents_decode_only_through_the_tokenizer_that_encoded_them(tmp_storage):
+    """A tokenizer folder overwritten by another tokenizer (same shapes, other weights) would
+    decode a data set's latents into other images: refused, naming both hashes."""
+    config = get_config("ecar-debug")
+    uri = storage.join(tmp_storage, "tok")
+    torch.manual_seed(0)
+    first = save_vae(KLVAE(vae_shape(config)), uri, config.data.image_size)
+    manifest = {
+        "prefix": "s3://b/latents",
+        "tokenizer": {"kind": "kl_vae", "uri": uri, "sha256": first["weights_sha256"]},
+    }
+    assert decoder_for_manifest(manifest, config) is not None
+    shutil.rmtree(uri)
+    torch.manual_seed(1)
+    second = save_vae(KLVAE(vae_shape(config)), uri, config.data.image_size)
+    with pytest.raises(ValueError, match="is not the one that encoded s3://b/latents") as refused:
+        decoder_for_manifest(manifest, config)
+    assert first["weights_sha256"] in str(refused.value) and second["weights_sha256"] in str(refused.value)
 
 
 def test_diffusers_tokenizer_needs_the_optional_package(tmp_path, monkeypatch):
