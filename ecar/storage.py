@@ -24,6 +24,9 @@ import fsspec
 import pyarrow.fs as pafs
 
 from ecar.config import Config, StorageConfig
+from ecar.log import get_logger
+
+log = get_logger(__name__)
 
 
 def is_remote(uri: str) -> bool:
@@ -178,7 +181,8 @@ def claim_output(
 ) -> None:
     """Record what an output folder holds (`prefix/name`), or check that a re-run asks for the
     same thing: a job that fills missing shards must never mix in shards of another run.
-    `what` names the contents in the error ("samples", "latents")."""
+    `what` names the contents in the error ("samples", "latents"). A re-run's claim also removes
+    the temporary files of writes that a killed run left unfinished (see `remove_partials`)."""
     uri = join(prefix, name)
     if exists(uri, storage):
         recorded = json.loads(read_text(uri, storage))
@@ -188,8 +192,25 @@ def claim_output(
                 f"{prefix} already holds {what} of a different run (differs in "
                 f"{', '.join(changed)}); use a new output or delete it"
             )
+        remove_partials(prefix)
         return
     write_text_atomic(uri, json.dumps(identity, indent=2), storage)
+
+
+def remove_partials(prefix: str) -> list[str]:
+    """Delete the temporary files (`.NAME.*.partial`) that `write_bytes_atomic` leaves under a
+    local `prefix` when its process is killed between writing and renaming; returns their paths.
+    Call it only while no writer of this output runs (a re-run, before its workers start). S3
+    writes leave none: an object appears whole or not at all."""
+    if is_remote(prefix):
+        return []
+    root = Path(prefix.removeprefix("file://"))
+    stale = [str(path) for path in root.rglob(".*.partial") if path.is_file()] if root.is_dir() else []
+    for path in stale:
+        Path(path).unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished temporary file(s) of a killed run under %s", len(stale), prefix)
+    return stale
 
 
 PROBE_TIMEOUT_S = 5  # an unreachable endpoint must fail in seconds, not after boto's retries

@@ -265,6 +265,23 @@ def test_vae_maps_images_to_the_configured_latent(preset, latent):
         assert model.decode(z).shape == images.shape
 
 
+def test_a_reruns_claim_removes_the_temporaries_a_killed_run_left(tmp_storage):
+    """A process killed between writing a shard's temporary file and renaming it leaves
+    `.NAME.*.partial` behind; the re-run of the same job (its claim matches) removes them, a
+    different run's claim (refused) touches nothing."""
+    storage.claim_output(tmp_storage, {"run": 1}, "samples")
+    kept = storage.join(tmp_storage, "shards", "shard-00000.npz")
+    storage.write_bytes_atomic(kept, b"whole")
+    stale = Path(tmp_storage) / "shards" / ".shard-00001.npz.0123abcd.partial"
+    stale.write_bytes(b"half")
+    with pytest.raises(ValueError, match="different run"):
+        storage.claim_output(tmp_storage, {"run": 2}, "samples")
+    assert stale.exists()
+    storage.claim_output(tmp_storage, {"run": 1}, "samples")
+    assert not stale.exists() and storage.read_bytes(kept) == b"whole"
+    assert storage.list_files(storage.join(tmp_storage, "shards")) == [kept]
+
+
 def test_tokenizer_checkpoint_round_trip_and_checks(tmp_storage):
     config = get_config("ecar-debug")
     model = KLVAE(vae_shape(config))
