@@ -64,7 +64,8 @@ def per_class_grid(variants: list[Variant], paths: headline.Paths, path: Path, p
     for axis, variant in zip(np.atleast_1d(axes), shown):
         samples = read_samples(paths.samples(variant.name), "images")
         images, labels = samples["images"][..., 0], samples["label"]
-        panel = np.concatenate([np.concatenate(list(images[labels == c][:per_class]), axis=1) for c in range(10)])
+        shown_per_class = min(per_class, *(int((labels == c).sum()) for c in range(10)))  # rows of equal length
+        panel = np.concatenate([np.concatenate(list(images[labels == c][:shown_per_class]), axis=1) for c in range(10)])
         axis.imshow(panel, cmap="gray", vmin=0, vmax=255)
         axis.set_title(variant.name, fontsize=8)
         axis.axis("off")
@@ -86,7 +87,7 @@ COLUMNS = [
 ]
 
 
-def report(variants: list[Variant], paths: headline.Paths) -> dict:
+def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dict:
     found = {
         v.name: json.loads(storage.read_text(paths.metrics(v.name)))
         for v in variants
@@ -114,11 +115,11 @@ def report(variants: list[Variant], paths: headline.Paths) -> dict:
     ]
     for row in found.values():
         lines.append("| " + " | ".join(fmt.format(row[c]) if c in row else "-" for c, fmt in COLUMNS) + " |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "diversity.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "diversity.md").write_text("\n".join(lines) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "diversity.json").write_text(json.dumps(result, indent=2))
+    (results / "diversity.md").write_text("\n".join(lines) + "\n")
     per_class_grid(
-        [v for v in variants if v.name in ("ecar-clean", "ecar", REFERENCE)], paths, RESULTS / "diversity.png"
+        [v for v in variants if v.name in ("ecar-clean", "ecar", REFERENCE)], paths, results / "diversity.png"
     )
     return result
 
@@ -131,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="outputs/headline")
     parser.add_argument("--samples", type=int, default=headline.SCALES["full"].samples)
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument(
+        "--results-dir", type=Path, help="default: benchmarks/results for outputs/headline, else ROOT/results"
+    )
     args = parser.parse_args(argv)
+    results = args.results_dir or (
+        RESULTS if Path(args.root) == Path("outputs/headline") else Path(args.root) / "results"
+    )
     paths = headline.Paths(
         root=args.root, manifest=storage.join(args.root, "latents"), tokenizer=storage.join(args.root, "tokenizer")
     )
@@ -147,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if "evaluate" in args.parts:
         headline.evaluate_variants(variants, paths, args.samples)
     if "report" in args.parts:
-        report(variants, paths)
-        print((RESULTS / "diversity.md").read_text())
+        report(variants, paths, results)
+        print((results / "diversity.md").read_text())
     return 0
 
 

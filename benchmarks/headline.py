@@ -751,6 +751,7 @@ def report(variants: list[Variant], paths: Paths, scale_name: str, results: Path
     }
     if not rows:
         raise FileNotFoundError(f"no metrics under {storage.join(paths.root, 'metrics')}: run the evaluate part first")
+    results.mkdir(parents=True, exist_ok=True)  # before the first figure goes into it
     between = {
         v.name: json.loads(storage.read_text(paths.metrics(f"{v.name}/between-seeds")))
         for v in variants
@@ -782,7 +783,6 @@ def report(variants: list[Variant], paths: Paths, scale_name: str, results: Path
         "comparisons": comparisons(rows, noise["tie_threshold"]),
         "loss_curves": loss_curves(paths, results / "headline-loss.png"),
     }
-    results.mkdir(parents=True, exist_ok=True)
     (results / "headline.json").write_text(json.dumps(result, indent=2))
     (results / "headline.md").write_text(markdown(result))
     plot(rows, results / "headline.png", result["reference_images"])
