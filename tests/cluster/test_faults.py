@@ -62,6 +62,18 @@ def _files(root: str) -> set[str]:
     return {found.removeprefix(path.rstrip("/") + "/") for found in fs.find(path)}
 
 
+@pytest.fixture(scope="module")
+def many_images(ray_cluster, tmp_path_factory) -> str:
+    """640 + 640 Fashion-MNIST images at 16x16 in shards of 16 (40 + 40 shards): enough shards
+    that a kill lands while some are written and others are not."""
+    from ecar.data.prepare import prepare_images
+    from ecar.presets import get_config
+
+    uri = str(tmp_path_factory.mktemp("images"))
+    prepare_images(get_config("ecar-debug", {"data.shard_rows": 16}), uri, limit_per_split=640)
+    return uri
+
+
 # ----- prepare ----------------------------------------------------------------------------------
 def test_a_prepare_driver_killed_mid_run_reruns_to_the_uninterrupted_output(head_node, many_images, tmp_path):
     from ecar.data.shards import read_table
@@ -85,18 +97,6 @@ def test_a_prepare_driver_killed_mid_run_reruns_to_the_uninterrupted_output(head
 
 
 # ----- encode -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def many_images(ray_cluster, tmp_path_factory) -> str:
-    """640 + 640 Fashion-MNIST images at 16x16 in shards of 16 (40 + 40 shards): enough shards
-    that a kill lands while some are written and others are not."""
-    from ecar.data.prepare import prepare_images
-    from ecar.presets import get_config
-
-    uri = str(tmp_path_factory.mktemp("images"))
-    prepare_images(get_config("ecar-debug", {"data.shard_rows": 16}), uri, limit_per_split=640)
-    return uri
-
-
 def _encode(images: str, output: str, tokenizer: str, address: str, *extra: str) -> list[str]:
     return [
         "jobs.encode", "--preset", "ecar-debug", "--images", images, "--output", output, "--address", address,
