@@ -204,13 +204,12 @@ def remove_partials(prefix: str) -> list[str]:
     writes leave none: an object appears whole or not at all."""
     if is_remote(prefix):
         return []
-    root = Path(prefix.removeprefix("file://"))
-    stale = [str(path) for path in root.rglob(".*.partial") if path.is_file()] if root.is_dir() else []
+    stale = [path for path in Path(prefix.removeprefix("file://")).rglob(".*.partial") if path.is_file()]
     for path in stale:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     if stale:
         log.info("removed %d unfinished temporary file(s) of a killed run under %s", len(stale), prefix)
-    return stale
+    return [str(path) for path in stale]
 
 
 PROBE_TIMEOUT_S = 5  # an unreachable endpoint must fail in seconds, not after boto's retries

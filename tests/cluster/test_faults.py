@@ -43,17 +43,27 @@ def _run(command: list[str], env: dict[str, str], timeout: float = 600) -> str:
     return _finish(_start(command, env), timeout)
 
 
-def _kill_when(job: subprocess.Popen, ready, what: str, timeout: float = 600) -> None:
-    """SIGKILL the job's driver (no handler runs, nothing is flushed) once `ready()` is true."""
+def _wait_until(job: subprocess.Popen, ready, what: str, timeout: float = 600) -> None:
+    """Return once `ready()` is true while the job still runs; fail if it ends first or never."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and job.poll() is None:
         if ready():
-            job.send_signal(signal.SIGKILL)
-            job.wait(30)
             return
         time.sleep(0.1)
     out = job.stdout.read() if job.poll() is not None else ""
     pytest.fail(f"the job ended before {what} (or it never happened):\n{out[-3000:]}")
+
+
+def _kill_when(job: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL the job's driver (no handler runs, nothing is flushed) once `ready()` is true."""
+    _wait_until(job, ready, what)
+    job.send_signal(signal.SIGKILL)
+    job.wait(30)
+
+
+def _shards(prefix: str) -> list[str]:
+    """The Parquet shards written so far under PREFIX/train and PREFIX/test."""
+    return [uri for split in SPLITS for uri in storage.list_files(storage.join(prefix, split), ".parquet")]
 
 
 def _files(root: str) -> set[str]:
@@ -84,8 +94,7 @@ def test_a_prepare_driver_killed_mid_run_reruns_to_the_uninterrupted_output(head
         "--address", head_node.gcs_address, "data.shard_rows=16",
     ]  # fmt: skip
     job = _start(command, head_node.env)
-    shards = lambda: sum(len(storage.list_files(storage.join(output, split), ".parquet")) for split in SPLITS)  # noqa: E731
-    _kill_when(job, lambda: shards() >= 8, "8 of 80 shards were written")
+    _kill_when(job, lambda: len(_shards(output)) >= 8, "8 of 80 shards were written")
     assert not storage.exists(storage.join(output, "images.json"))
     _run(command, head_node.env)
 
@@ -104,57 +113,41 @@ def _encode(images: str, output: str, tokenizer: str, address: str, *extra: str)
     ]  # fmt: skip
 
 
-def _source_ids(images: str, split: str) -> list[str]:
+def _ids(shards: list[str]) -> list[str]:
     from ecar.data.shards import read_table
 
-    return [
-        i
-        for uri in storage.list_files(storage.join(images, split), ".parquet")
-        for i in read_table(uri, columns=["id"]).column("id").to_pylist()
-    ]
+    return [i for uri in shards for i in read_table(uri, columns=["id"]).column("id").to_pylist()]
 
 
 def _assert_exact_latents(images: str, output: str) -> None:
     """Every source image encoded exactly once (or quarantined), and nothing on storage but the
     manifest's shards, their quarantine files and the job's own records."""
-    from ecar.data.manifest import read_manifest
+    from ecar.data.manifest import read_manifest, shard_uris
+    from ecar.data.prepare import image_shard_uris, read_images_manifest
     from ecar.data.reader import validate_latents
-    from ecar.data.shards import read_table
+    from ecar.presets import get_config
 
-    manifest = read_manifest(output)
+    manifest, prepared = read_manifest(output), read_images_manifest(images, get_config("ecar-debug"))
     listed = {"manifest.json", "encode.json"}  # encode.json: the job's claim on its output
     for split in SPLITS:
-        ids = [
-            i
-            for shard in manifest["splits"][split]["shards"]
-            for i in read_table(storage.join(output, "latents", split, shard["name"]), columns=["id"])
-            .column("id")
-            .to_pylist()
-        ]
+        ids = _ids(shard_uris(manifest, split))
         assert len(ids) == len(set(ids)) == manifest["splits"][split]["rows"]
-        assert sorted(ids) == sorted(_source_ids(images, split))  # random images: none is quarantined
+        assert sorted(ids) == sorted(_ids(image_shard_uris(images, split, prepared)))  # random images: none quarantined
         listed |= {f"latents/{split}/{shard['name']}" for shard in manifest["splits"][split]["shards"]}
     stray = {f for f in _files(output) - listed if not f.startswith("quarantine/")}
     assert not stray, f"files no manifest names: {sorted(stray)}"
     validate_latents(output)
 
 
-def _written_shards(output: str) -> int:
-    return sum(len(storage.list_files(storage.join(output, "latents", split), ".parquet")) for split in SPLITS)
-
-
 def test_an_encode_driver_killed_mid_run_reruns_to_exact_counts(head_node, many_images, random_tokenizer, tmp_path):
     output = str(tmp_path / "latents")
     command = _encode(many_images, output, random_tokenizer, head_node.gcs_address)
     job = _start(command, head_node.env)
-    _kill_when(job, lambda: _written_shards(output) >= 8, "8 of 80 shards were written")
+    latents = storage.join(output, "latents")
+    _kill_when(job, lambda: len(_shards(latents)) >= 8, "8 of 80 shards were written")
     assert not storage.exists(storage.join(output, "manifest.json"))
     time.sleep(5)  # the dead driver's encoders are torn down with its job; a write in flight lands whole or not at all
-    done = {
-        uri: storage.read_bytes(uri)
-        for split in SPLITS
-        for uri in storage.list_files(storage.join(output, "latents", split), ".parquet")
-    }
+    done = {uri: storage.read_bytes(uri) for uri in _shards(latents)}
     assert 8 <= len(done) < 80
 
     out = _run(command, head_node.env)
@@ -206,10 +199,7 @@ def test_an_object_store_that_goes_away_mid_write_and_returns_lets_the_rerun_com
 
     job = _start(command, head_node.env)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and job.poll() is None and shards_on_s3() < 6:
-            time.sleep(0.1)
-        assert job.poll() is None, f"the job ended before the outage:\n{job.stdout.read()[-3000:]}"
+        _wait_until(job, lambda: shards_on_s3() >= 6, "6 of 80 shards were on S3")
         outage.stop()
         down_at = shards_on_s3()
         out, _ = job.communicate(timeout=600)  # the job fails: its writes have nowhere to go

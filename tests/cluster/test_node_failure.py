@@ -58,11 +58,8 @@ def two_nodes(tmp_path):
     2-CPU worker node named "worker-a" that every CPU task and training worker lands on.
     Yields (GCS address, env, temp dir); stops exactly this cluster's processes at the end."""
     temp_dir = tempfile.mkdtemp(prefix="ecar-2n-", dir="/tmp")
-    env = {
-        **os.environ,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-        "RAY_AUTH_MODE": "token",
-    }  # 1: a second node may join
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1: the suite's 0 (a one-node cluster) refuses a second node
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "token"}
     token = tmp_path / "auth_token"
     token.write_text(uuid.uuid4().hex)
     env["RAY_AUTH_TOKEN_PATH"] = str(token)
