@@ -724,7 +724,12 @@ def loss_curves(paths: Paths, path: Path) -> dict[str, list[tuple[int, float]]]:
             continue
         run_id = read_metadata(export).get("mlflow_run_id", "")
         client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(read_config(export)))
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")) if run_id else []
+        # a step logged twice (a restart before the first checkpoint) counts as its last attempt
+        latest = {
+            m.step: m.value
+            for m in sorted(client.get_metric_history(run_id, "val_loss") if run_id else [], key=lambda m: m.timestamp)
+        }
+        history = sorted(latest.items())
         if history:
             curves[model] = history
     if curves:

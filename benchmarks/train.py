@@ -16,9 +16,14 @@ streaming latent reader + MLflow), written to benchmarks/results/train.json.
 3. Threads: at one global batch (64, as the headline experiment), 1 worker x 2 torch threads
    against 2 workers x 1 thread (ZeRO-2), on real latents when `--manifest` names them:
    seconds per optimizer step, measured alternately (A B A B) so load drifts hit both.
+4. Tokenizer: the KL-VAE tokenizer's training (Ray Train DDP, batch 64, real Fashion-MNIST
+   image shards) at 1 worker x 1 thread (the config's default), 1 worker x 2 threads and
+   2 workers x 1 thread: seconds per step from the per-step loss timestamps in MLflow, runs
+   alternating as above.
 
     python benchmarks/train.py [throughput] [memory]     # both: ~10 minutes on 2 cores
     python benchmarks/train.py threads --manifest outputs/headline/latents
+    python benchmarks/train.py tokenizer                 # ~8 minutes
 """
 
 from __future__ import annotations
@@ -161,6 +166,76 @@ def threads(manifest: str, root: Path, tracking: str, client, steps: int = 30, r
     }
 
 
+TOKENIZER_SETTINGS = {  # name -> overrides; 2 x 0.5 CPU leaves Ray Data a CPU, as training does
+    "1 worker x 1 thread": ["tokenizer.num_workers=1", "tokenizer.cpus_per_worker=1.0", "tokenizer.torch_threads=0"],
+    "1 worker x 2 threads": ["tokenizer.num_workers=1", "tokenizer.cpus_per_worker=1.0", "tokenizer.torch_threads=2"],
+    "2 workers x 1 thread": ["tokenizer.num_workers=2", "tokenizer.cpus_per_worker=0.5", "tokenizer.torch_threads=1"],
+}
+
+
+def tokenizer(root: Path, tracking: str, client, steps: int = 40, repeats: int = 2) -> dict:
+    """Seconds per step of the KL-VAE tokenizer's training for each TOKENIZER_SETTINGS entry, on
+    4,000 real Fashion-MNIST training images (the quickstart's tokenizer at batch 64)."""
+    from ecar.data.prepare import prepare_images
+    from ecar.presets import get_config
+    from ecar.train.tokenizer import train_tokenizer
+
+    base = get_config("ecar-fmnist").override({"storage.root": str(root / "out")})
+    images = str(root / "images")
+    prepare_images(base, images, limit_per_split=4000)
+    per_setting: dict[str, list[float]] = {name: [] for name in TOKENIZER_SETTINGS}
+    for repeat in range(repeats):
+        for index, (name, overrides) in enumerate(TOKENIZER_SETTINGS.items()):
+            common = [f"tokenizer.steps={steps}", "tokenizer.eval_images=16", "tokenizer.fid_images=0"]
+            config = base.override(common + overrides + [f"tokenizer.seed={repeat}"])  # a run of its own
+            output = root / "out" / f"tokenizer-{index}-{repeat}"
+            started = time.perf_counter()
+            train_tokenizer(config, images, str(output), tracking_uri=tracking)
+            seconds = time.perf_counter() - started
+            run = client.search_runs(
+                [client.get_experiment_by_name(config.tracking.experiment_name).experiment_id],
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )[0]
+            stamps = [
+                m.timestamp / 1000
+                for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+            ]
+            step_s = [b - a for a, b in zip(stamps[5:], stamps[6:])]  # after 5 warm-up steps
+            per_setting[name].extend(step_s)
+            print(
+                json.dumps(
+                    {"setting": name, "repeat": repeat, "s_per_step": statistics.median(step_s), "fit_wall_s": seconds}
+                ),
+                flush=True,
+            )
+            shutil.rmtree(output, ignore_errors=True)
+    rows = [
+        {
+            "setting": name,
+            "overrides": TOKENIZER_SETTINGS[name],
+            "s_per_step_median": statistics.median(values),
+            "s_per_step_p10": statistics.quantiles(values, n=10)[0],
+            "s_per_step_p90": statistics.quantiles(values, n=10)[-1],
+            "steps_timed": len(values),
+        }
+        for name, values in per_setting.items()
+    ]
+    fastest = min(rows, key=lambda row: row["s_per_step_median"])
+    default = rows[0]
+    return {
+        "model": "ecar-fmnist's KL-VAE tokenizer",
+        "batch_size": base.tokenizer.batch_size,
+        "steps_per_run": steps,
+        "images": "4,000 Fashion-MNIST training images (ecar prepare)",
+        "rows": rows,
+        "faster": fastest["setting"],
+        "speedup_over_default": default["s_per_step_median"] / fastest["s_per_step_median"],
+        "note": "step times from the per-step loss timestamps, the first 5 steps of every run left out; "
+        "runs alternate between settings",
+    }
+
+
 def expected_model_state_mib(params: int, stage: int, workers: int) -> float:
     """MiB per worker held between steps (module docstring), by ZeRO stage."""
     psi, n = params, workers
@@ -236,7 +311,7 @@ def main() -> int:
         parser.add_argument(
             "parts",
             nargs="*",
-            choices=["throughput", "memory", "threads"],
+            choices=["throughput", "memory", "threads", "tokenizer"],
             help="what to (re-)measure; the others keep their recorded figures",
         )
         parser.add_argument("--manifest", help="real latents for the threads part (default: synthetic)")
@@ -260,6 +335,8 @@ def main() -> int:
             report["throughput"] = throughput(fmnist, root, tracking, client)
         if "threads" in parts:
             report["threads"] = threads(args.manifest or fmnist, root, tracking, client)
+        if "tokenizer" in parts:
+            report["tokenizer"] = tokenizer(root, tracking, client)
         if "memory" in parts:
             report["memory"] = memory(imagenet, root, tracking, client)
             report["memory"]["note"] = MEMORY_NOTE

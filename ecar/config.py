@@ -187,6 +187,7 @@ class TokenizerConfig:
     lr: float = 2e-3
     num_workers: int = 1
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # as train.torch_threads: 0 = one per whole CPU asked for
     use_gpu: bool = False
     eval_images: int = 1000  # held-out images for PSNR
     fid_images: int = 1000  # held-out images for reconstruction FID (0: skip)
@@ -551,6 +552,7 @@ def _validate_data_and_tokenizer(config: Config) -> None:
     _check(tokenizer.kl_weight >= 0, "tokenizer.kl_weight", "must be non-negative")
     _check(tokenizer.perceptual_weight >= 0, "tokenizer.perceptual_weight", "must be non-negative")
     _check(tokenizer.cpus_per_worker > 0, "tokenizer.cpus_per_worker", "must be positive")
+    _check(tokenizer.torch_threads >= 0, "tokenizer.torch_threads", "must be 0 (Ray's default) or positive")
     _check(tokenizer.eval_images >= 1, "tokenizer.eval_images", "must be at least 1")
     _check(
         tokenizer.fid_images == 0 or tokenizer.fid_images >= 2,

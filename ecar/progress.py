@@ -141,16 +141,18 @@ def training_progress(
     tracking_uri: str, run_id: str, total_steps: int, desc: str = "train", every_s: float = 5.0
 ) -> Iterator[None]:
     """Shows a Ray Train run's progress on the driver while the block runs: the rank-0 worker
-    logs `loss` to MLflow every train.log_every steps, and a thread reads its latest step back."""
+    logs `loss` to MLflow every train.log_every steps, and a thread reads back the latest step
+    logged since the block began (not a step an earlier attempt of a resumed run reached)."""
     if mode() == "off" or not run_id:
         yield
         return
     from ecar.tracking import PHASE_TAG, client
 
     mlflow_client = client(tracking_uri)
+    since_ms = int(time.time() * 1000)  # a resumed run's earlier attempts logged steps too
 
     def read() -> tuple[int, dict[str, float]] | None:
-        history = mlflow_client.get_metric_history(run_id, "loss")
+        history = [m for m in mlflow_client.get_metric_history(run_id, "loss") if m.timestamp >= since_ms]
         if not history:
             return None
         latest = max(history, key=lambda m: m.step)

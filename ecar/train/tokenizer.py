@@ -95,6 +95,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
     config = Config.from_dict(loop_config["config"])
     tok = config.tokenizer
+    if tok.torch_threads:
+        torch.set_num_threads(tok.torch_threads)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     tracker = RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"], rank)

@@ -80,3 +80,28 @@ def test_a_slow_start_says_what_is_happening_until_the_first_count(monkeypatch, 
     assert notes[0].startswith("train: starting the workers (") and "building the DeepSpeed engine" in notes[1]
     assert any("train: 20/20 steps (100%)" in line for line in lines)
     assert not any("unused" in line for line in lines)
+
+
+def test_a_resumed_runs_progress_counts_only_this_attempts_steps(monkeypatch, caplog, tmp_path):
+    """A run restarted before its first checkpoint starts again at step 1 in the same MLflow
+    run: the steps its earlier attempt logged must not show as this attempt's progress."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    from ecar.progress import training_progress
+
+    monkeypatch.setenv("ECAR_PROGRESS", "log")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("progress")).info.run_id
+    earlier = int(time.time() * 1000) - 60_000
+    client.log_batch(run_id, metrics=[Metric("loss", 0.9, earlier, 200)])  # the earlier attempt
+    with caplog.at_level(logging.INFO, logger="ecar.progress"):
+        with training_progress(uri, run_id, 1000, "train", every_s=0.05):
+            time.sleep(0.3)
+            client.log_batch(run_id, metrics=[Metric("loss", 0.5, int(time.time() * 1000), 100)])
+            time.sleep(0.3)
+    counts = [r.getMessage() for r in caplog.records if "/1000 steps" in r.getMessage()]
+    assert counts == ["train: 100/1000 steps (10%), loss 0.5"]
