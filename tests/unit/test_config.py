@@ -107,6 +107,8 @@ def test_accumulation_steps_follow_global_batch():
         ("train.betas=[1.5,2]", "train.betas"),
         ("train.betas=[0.9,nan]", "train.betas[1]"),
         ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.torch_threads=-1", "train.torch_threads"),
+        ("tokenizer.torch_threads=-2", "tokenizer.torch_threads"),
     ],
 )
 def test_non_finite_and_out_of_range_training_values_are_refused_naming_the_key(override, key):
