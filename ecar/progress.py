@@ -173,6 +173,7 @@ class _Board:
 
     def __init__(self) -> None:
         self.step, self.metrics = 0, {}
+        self.phase = ""
 
     def post(self, step: int, metrics: dict[str, float]) -> None:
         if step >= self.step:
@@ -181,12 +182,20 @@ class _Board:
     def read(self) -> tuple[int, dict[str, float]]:
         return self.step, self.metrics
 
+    def set_phase(self, phase: str) -> None:
+        """What the workers are doing before their first step (shown until counting starts)."""
+        self.phase = phase
+
+    def status(self) -> str:
+        return self.phase
+
 
 @contextlib.contextmanager
 def worker_progress(total_steps: int, desc: str, unit: str = "steps", every_s: float = 5.0) -> Iterator[Any]:
     """Yields an actor handle (None when progress is off) to pass to a Ray Train loop, whose
     rank 0 calls `handle.post.remote(step, {"loss": ...})`; the driver shows it as `Progress`.
-    Needs Ray initialised; the actor takes no CPU."""
+    Until the first step, rank 0's `handle.set_phase.remote(text)` is shown (before that: the
+    workers are starting). Needs Ray initialised; the actor takes no CPU."""
     if mode() == "off":
         yield None
         return
@@ -194,7 +203,11 @@ def worker_progress(total_steps: int, desc: str, unit: str = "steps", every_s: f
 
     board = ray.remote(num_cpus=0)(_Board).remote()
     try:
-        with _polled(total_steps, desc, unit, lambda: ray.get(board.read.remote(), timeout=10), every_s):
+
+        def status() -> str:
+            return ray.get(board.status.remote(), timeout=10) or "starting the workers (Ray Train)"
+
+        with _polled(total_steps, desc, unit, lambda: ray.get(board.read.remote(), timeout=10), every_s, status):
             yield board
     finally:
         with contextlib.suppress(Exception):

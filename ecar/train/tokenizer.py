@@ -100,6 +100,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     tracker = RankZeroTracker(loop_config["tracking_uri"], loop_config["run_id"], rank)
+    board = loop_config.get("progress") if rank == 0 else None  # ecar.progress.worker_progress
+    if board is not None:
+        board.set_phase.remote(f"building the tokenizer on {tok.num_workers} worker(s)")
     torch.manual_seed(tok.seed + rank)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(KLVAE(vae_shape(config)))
@@ -112,7 +115,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     latent_elements = config.model.latent_channels * config.model.latent_size**2
     step = _restore(ray.train.get_checkpoint(), raw, optimizer)
     every = max(100, tok.steps // 4)
-    board = loop_config.get("progress") if rank == 0 else None  # ecar.progress.worker_progress
+    if board is not None:
+        resumed = f"resumed at step {step}; " if step else ""
+        board.set_phase.remote(f"{resumed}reading the first images and running step {step + 1}")
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, tok.batch_size // tok.num_workers)
     started, metrics = time.time(), {"step": step}

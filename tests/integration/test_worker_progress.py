@@ -30,6 +30,32 @@ def test_steps_posted_by_a_remote_task_are_shown_by_the_driver(ray_cluster, monk
     assert lines and lines[-1] == "tokenizer: 40/40 steps (100%), loss 0.025"
 
 
+def test_a_slow_start_shows_the_workers_phase_until_the_first_step(ray_cluster, monkeypatch, caplog):
+    """Before a Ray Train loop's first step the driver says what it is doing: the workers are
+    starting, then the phase rank 0 sets (the tokenizer was silent for a minute here)."""
+    import time
+
+    import ray
+
+    monkeypatch.setattr(logging.getLogger("ecar"), "propagate", True)
+    monkeypatch.setenv("ECAR_PROGRESS", "log")
+
+    @ray.remote(num_cpus=0)
+    def worker(board) -> None:
+        time.sleep(1.0)
+        ray.get(board.set_phase.remote("building the tokenizer on 2 worker(s)"))
+        time.sleep(1.0)
+        ray.get(board.post.remote(10, {"loss": 0.5}))
+
+    with caplog.at_level(logging.INFO, logger="ecar.progress"):
+        with worker_progress(10, "tokenizer", "steps", every_s=0.2) as board:
+            ray.get(worker.remote(board))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ecar.progress"]
+    assert lines[0].startswith("tokenizer: starting the workers (Ray Train) (")
+    assert any(line.startswith("tokenizer: building the tokenizer on 2 worker(s) (") for line in lines)
+    assert lines[-1] == "tokenizer: 10/10 steps (100%), loss 0.5"
+
+
 def test_off_hands_no_board(monkeypatch):
     monkeypatch.setenv("ECAR_PROGRESS", "off")
     with worker_progress(10, "quiet") as board:
