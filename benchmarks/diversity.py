@@ -87,6 +87,51 @@ COLUMNS = [
 ]
 
 
+def noise(paths: headline.Paths) -> dict:
+    """The headline's noise figures at the same N: real train images against the test images
+    (the floor of every metric) and E-CAR's default sampled with a second seed (seed noise)."""
+    out = {}
+    for name in ("floor-real-train", "ecar", f"ecar/seed{headline.SEED_ROW_SEED}"):
+        if storage.exists(paths.metrics(name)):
+            row = json.loads(storage.read_text(paths.metrics(name)))
+            out[name] = {key: row[key] for key in ("fid", "precision", "recall", "classifier_score")}
+    return out
+
+
+def noise_lines(figures: dict, samples: int) -> list[str]:
+    lines = []
+    if "floor-real-train" in figures:
+        f = figures["floor-real-train"]
+        lines += [
+            "",
+            f"Floor (N = {samples} real training images against the same test images): FID {f['fid']:.2f}, "
+            f"precision {f['precision']:.3f}, recall {f['recall']:.3f}, classifier score {f['classifier_score']:.2f}.",
+        ]
+    second = f"ecar/seed{headline.SEED_ROW_SEED}"
+    if "ecar" in figures and second in figures:
+        a, b = figures["ecar"], figures[second]
+        lines.append(
+            f"Seed noise (E-CAR's default, sampling seed 0 vs {headline.SEED_ROW_SEED}): FID {a['fid']:.2f} / "
+            f"{b['fid']:.2f}, recall {a['recall']:.3f} / {b['recall']:.3f}, precision {a['precision']:.3f} / "
+            f"{b['precision']:.3f}."
+        )
+    return lines
+
+
+def before_after_lines(found: dict) -> list[str]:
+    """Recall before the fix (the AR fed the clean estimate) and after (fed the noisy end state),
+    both at CFG 1.5, beside the flow-DiT reference."""
+    if not all(name in found for name in ("ecar-clean", "ecar", REFERENCE)):
+        return []
+    before, after, dit = found["ecar-clean"], found["ecar"], found[REFERENCE]
+    return [
+        "",
+        f"Recall before -> after: E-CAR {before['recall']:.3f} (clean estimate) -> {after['recall']:.3f} "
+        f"(noisy end state, the default now); flow-DiT ({REFERENCE}) {dit['recall']:.3f}. "
+        f"FID {before['fid']:.2f} -> {after['fid']:.2f} (flow-DiT {dit['fid']:.2f}).",
+    ]
+
+
 def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dict:
     found = {
         v.name: json.loads(storage.read_text(paths.metrics(v.name)))
@@ -115,6 +160,9 @@ def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dic
     ]
     for row in found.values():
         lines.append("| " + " | ".join(fmt.format(row[c]) if c in row else "-" for c, fmt in COLUMNS) + " |")
+    result["noise"] = noise(paths)
+    lines += noise_lines(result["noise"], result["samples"])
+    lines += before_after_lines(found)
     results.mkdir(parents=True, exist_ok=True)
     (results / "diversity.json").write_text(json.dumps(result, indent=2))
     (results / "diversity.md").write_text("\n".join(lines) + "\n")
