@@ -39,8 +39,8 @@ class Scale:
     samples: int
     latency_batches: tuple[int, ...]
     ema_decay: float = 0.99
-    # x 1 torch thread each, for E-CAR and the tokenizer: 1.6x faster than 1 worker x 2 threads
-    # on 2 cores (benchmarks/results/train.json)
+    # x 1 torch thread each, for E-CAR and the tokenizer; on 2 cores E-CAR steps 1.58x faster than
+    # at 1 worker x 2 threads, the tokenizer's 1.17x (1.64x than 1 x 1): benchmarks/results/train.json
     workers: int = 2
     validate: bool = False  # held-out loss every ~1/15 of the run (512 latents of the test split)
 
@@ -78,8 +78,7 @@ def budget(scale: Scale, storage_root: str) -> dict[str, Any]:
         "tokenizer.steps": scale.tokenizer_steps,
         "tokenizer.eval_images": 500 if scale.images_per_split is None else 64,
         "tokenizer.fid_images": 200 if scale.images_per_split is None else 16,
-        # 2 DDP workers x 1 thread, 0.5 CPU each (Ray Data keeps a CPU): 1.6x faster than the
-        # default 1 worker x 1 thread (benchmarks/results/train.json, "tokenizer")
+        # DDP workers x 1 thread, 0.5 CPU each (Ray Data keeps a CPU), as E-CAR trains
         "tokenizer.num_workers": scale.workers,
         "tokenizer.cpus_per_worker": 0.5,
         "tokenizer.torch_threads": 1,
