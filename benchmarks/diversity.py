@@ -83,8 +83,33 @@ COLUMNS = [
     ("precision", "{:.3f}"),
     ("recall", "{:.3f}"),
     ("classifier_score", "{:.2f}"),
+    ("within_class_spread", "{:.3f}"),
     ("sampling_gflops", "{:.2f}"),
 ]
+
+
+def within_class_spread(paths: headline.Paths, names: list[str], count: int) -> dict[str, float]:
+    """Per row: the pixel standard deviation across a class's samples, averaged over pixels and
+    classes, over the same figure for the first `count` test images (1: as varied within each
+    class as real images; a collapsed class, every sample the same garment, goes towards 0)."""
+    import numpy as np
+
+    from ecar.data.prepare import read_image_labels, read_image_split
+    from ecar.presets import get_config
+    from ecar.sampler import read_samples
+
+    def spread(images, labels) -> float:
+        return float(np.mean([images[labels == c].std(axis=0).mean() for c in np.unique(labels)]))
+
+    config = get_config("ecar-fmnist")
+    real = (read_image_split(paths.images, "test", count, config).numpy()[:, 0] + 1) / 2  # [0, 1]
+    reference = spread(real, read_image_labels(paths.images, "test", count, config))
+    out = {}
+    for name in names:
+        if storage.exists(storage.join(paths.samples(name), "manifest.json")):
+            samples = read_samples(paths.samples(name), "images")
+            out[name] = spread(samples["images"][..., 0] / 255.0, samples["label"]) / reference
+    return out
 
 
 def noise(paths: headline.Paths) -> dict:
@@ -139,6 +164,8 @@ def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dic
         if storage.exists(paths.metrics(v.name))
     }
     first = next(iter(found.values()))
+    for name, value in within_class_spread(paths, list(found), first["reference_images"]).items():
+        found[name]["within_class_spread"] = value
     result = {
         "what": __doc__.split("\n\n")[0],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -153,7 +180,9 @@ def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dic
         "",
         f"{result['date']}; models of the headline experiment ({result['train_steps']} steps at batch "
         f"{result['global_batch_size']}); {result['samples']} samples per row on the same (class, seed) rows; "
-        f"metrics against the first {result['reference_images']} test images.",
+        f"metrics against the first {result['reference_images']} test images. `within_class_spread`: the pixel "
+        "standard deviation across a class's samples over that of the test images (1: as varied as real images "
+        "within each class; towards 0: every sample of a class the same garment).",
         "",
         "| " + " | ".join(c for c, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -235,6 +235,17 @@ def decode_pngs(images: list[bytes], channels: int) -> np.ndarray:
     return pixels_to_unit(np.stack([to_array(to_mode(decode_image(b), channels)) for b in images]))
 
 
+def read_image_labels(images_uri: str, split: str, limit: int, config: Config) -> np.ndarray:
+    """The labels of the first `limit` images of a prepared split (read_image_split's order), int64."""
+    manifest = read_images_manifest(images_uri, config)
+    labels: list[int] = []
+    for uri in image_shard_uris(images_uri, split, manifest):
+        if len(labels) >= limit:
+            break
+        labels += read_table(uri, config.storage, columns=["label"]).column("label").to_pylist()[: limit - len(labels)]
+    return np.asarray(labels, dtype=np.int64)
+
+
 def read_image_split(images_uri: str, split: str, limit: int, config: Config) -> torch.Tensor:
     """The first `limit` images of a prepared split, (N, C, H, W) float32 in [-1, 1]."""
     manifest = read_images_manifest(images_uri, config)

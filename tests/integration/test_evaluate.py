@@ -91,3 +91,15 @@ def test_classifier_probabilities_of_real_images_are_cached_and_score_above_nois
     metrics = classifier_metrics(real, flat)
     assert metrics["classifier_score"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["real_classifier_score"] == classifier_score(real)[0] > metrics["classifier_score"]
+
+
+def test_image_labels_come_in_the_order_of_the_images(latent_manifest):
+    """read_image_labels pairs with read_image_split row for row: Fashion-MNIST's test split
+    starts with labels 9, 2, 1, 1, 6 (the source data set's own order)."""
+    from ecar.data.prepare import read_image_labels
+
+    config, _, images_uri = latent_manifest
+    labels = read_image_labels(images_uri, "test", 10, config)
+    assert labels.dtype == np.int64 and labels.shape == (10,)
+    assert read_image_split(images_uri, "test", 10, config).shape[0] == 10
+    assert labels[:5].tolist() == [9, 2, 1, 1, 6]
