@@ -756,13 +756,12 @@ def loss_curves(paths: Paths, path: Path) -> dict[str, list[tuple[int, float]]]:
 def training_budget(paths: Paths) -> dict[str, Any]:
     """How every model was trained (read back from the E-CAR export: the budget is shared) and
     the worker-layout measurement it was chosen by (benchmarks/results/train.json)."""
+    from ecar.data.manifest import read_manifest
     from ecar.export import read_config
 
     export = paths.export("ecar")
     if not storage.exists(storage.join(export, "export.json")):
         return {}
-    from ecar.data.manifest import read_manifest
-
     train = read_config(export).train
     train_rows = read_manifest(paths.manifest)["splits"]["train"]["rows"]
     measured = RESULTS / "train.json"

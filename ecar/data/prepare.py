@@ -235,30 +235,27 @@ def decode_pngs(images: list[bytes], channels: int) -> np.ndarray:
     return pixels_to_unit(np.stack([to_array(to_mode(decode_image(b), channels)) for b in images]))
 
 
+def _first_values(images_uri: str, split: str, limit: int, config: Config, column: str) -> list[Any]:
+    """The first `limit` values of one column of a prepared split, in shard order."""
+    manifest = read_images_manifest(images_uri, config)
+    values: list[Any] = []
+    for uri in image_shard_uris(images_uri, split, manifest):
+        if len(values) >= limit:
+            break
+        values += read_table(uri, config.storage, columns=[column]).column(column).to_pylist()[: limit - len(values)]
+    return values
+
+
 def read_image_labels(images_uri: str, split: str, limit: int, config: Config) -> np.ndarray:
     """The labels of the first `limit` images of a prepared split (read_image_split's order), int64."""
-    manifest = read_images_manifest(images_uri, config)
-    labels: list[int] = []
-    for uri in image_shard_uris(images_uri, split, manifest):
-        if len(labels) >= limit:
-            break
-        labels += read_table(uri, config.storage, columns=["label"]).column("label").to_pylist()[: limit - len(labels)]
-    return np.asarray(labels, dtype=np.int64)
+    return np.asarray(_first_values(images_uri, split, limit, config, "label"), dtype=np.int64)
 
 
 def read_image_split(images_uri: str, split: str, limit: int, config: Config) -> torch.Tensor:
     """The first `limit` images of a prepared split, (N, C, H, W) float32 in [-1, 1]."""
-    manifest = read_images_manifest(images_uri, config)
-    arrays: list[np.ndarray] = []
-    count = 0
-    for uri in image_shard_uris(images_uri, split, manifest):
-        if count >= limit:
-            break
-        column = read_table(uri, config.storage, columns=["image"]).column("image").to_pylist()[: limit - count]
-        arrays.append(decode_pngs(column, config.data.image_channels))
-        count += len(column)
-    if not arrays:
+    images = _first_values(images_uri, split, limit, config, "image")
+    if not images:
         raise ValueError(f"{images_uri}/{split} holds no images")
     import torch
 
-    return torch.from_numpy(np.concatenate(arrays))
+    return torch.from_numpy(decode_pngs(images, config.data.image_channels))
