@@ -1,0 +1,239 @@
+"""Where E-CAR loses to the flow-DiT at the headline's budget: one design choice changed at a time.
+
+Each ablation is E-CAR (`ecar-fmnist`) with one choice changed, trained with the headline
+experiment's budget on its data and tokenizer (same steps, batch, optimizer, schedule, EMA and
+seed), sampled at its default schedule on the same (class, seed) rows and scored against the
+same test images. The headline's own design ablations, the full window (`ecar-full`) and the AR
+fed the clean estimate (`ecar-clean`), its cheaper schedules (steps per stage) and its E-CAR and
+flow-DiT rows are reused from its metrics. A difference within the headline's seed noise is a tie.
+
+    python benchmarks/ablations.py                     # after headline.py's data part; resumable
+    python benchmarks/ablations.py --ablations ecar-flow6 ecar-weights
+    python benchmarks/ablations.py --parts report
+
+Writes benchmarks/results/ablations.json, ablations.md and ablations-grid.png (ROOT/results for
+another root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import headline  # noqa: E402  (the headline's budget, paths and parts)
+from headline import Variant  # noqa: E402
+
+from ecar import storage  # noqa: E402
+from ecar.config import USER_ERRORS, Config  # noqa: E402
+from ecar.presets import get_config  # noqa: E402
+
+PARTS = ("train", "sample", "evaluate", "report")
+# name -> (the choice it changes, the overrides of ecar-fmnist), in the order they are trained
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ecar-flow6": (
+        "depth split: AR 1 + flow 6 blocks (default 4 + 4; 3% fewer parameters)",
+        {"model.ar_depth": 1, "model.flow_depth": 6},
+    ),
+    "ecar-weights": (
+        "per-stage loss weights 1, 2, 4 (default equal)",
+        {"stages.loss_weights": [1.0, 2.0, 4.0]},
+    ),
+    "ecar-2stages": (
+        "two stages: grids 8, 16 with 10 + 10 steps (default three: 4, 8, 16)",
+        {"stages.grids": [8, 16], "flow.steps_per_stage": [10, 10]},
+    ),
+    "ecar-no-correction": (
+        "even windows without the re-noise correction (default corrected)",
+        {"stages.renoise_correction": False},
+    ),
+    "ecar-additive": (
+        "condition added to the flow's input tokens (default spatial adaLN; 14% fewer parameters)",
+        {"model.condition_injection": "additive"},
+    ),
+}
+# the headline's rows shown beside the ablations: what each changes
+HEADLINE_ROWS = {
+    "ecar": "E-CAR's default",
+    "ecar-full": "every stage from pure noise over [0, 1] (FlowAR-like full window)",
+    "ecar-clean": "the AR fed the clean estimate (default: the noisy end state)",
+    **{
+        f"ecar@{'-'.join(map(str, s))}": f"{sum(s)} steps per image ({'+'.join(map(str, s))})"
+        for s in headline.ECAR_SCHEDULES
+    },
+}
+COLUMNS = [
+    ("row", "{}"),
+    ("change", "{}"),
+    ("params_m", "{:.2f}"),
+    ("sampling_gflops", "{:.2f}"),
+    ("fid", "{:.2f}"),
+    ("precision", "{:.3f}"),
+    ("recall", "{:.3f}"),
+    ("classifier_score", "{:.2f}"),
+    ("fid_vs_ecar", "{:+.2f}"),
+    ("verdict", "{}"),
+]
+
+
+def ablation_configs(paths: headline.Paths, scale: headline.Scale, names: list[str]) -> dict[str, Config]:
+    shared = headline.budget(paths, scale)
+    return {name: get_config("ecar-fmnist", {**shared, **ABLATIONS[name][1]}) for name in names}
+
+
+def headline_rows(paths: headline.Paths) -> dict[str, dict[str, Any]]:
+    """Every scored row under the root (the headline's and the ablations'), by variant name."""
+    rows = [json.loads(storage.read_text(p)) for p in storage.list_files(storage.join(paths.root, "metrics"), ".json")]
+    return {row["variant"]: row for row in rows if "fid" in row}
+
+
+def table(rows: dict[str, dict[str, Any]], names: list[str], threshold: float) -> list[dict[str, Any]]:
+    """One line per headline E-CAR row and ablation that has metrics, then the best flow-DiT row,
+    each judged against E-CAR's default: better, worse, or a tie within `threshold` (the seed noise)."""
+    ecar = rows.get("ecar")
+    changes = {**HEADLINE_ROWS, **{name: ABLATIONS[name][0] for name in names}}
+    dits = [name for name, row in rows.items() if row.get("model") == "dit" and "/seed" not in name]
+    if dits:
+        changes[min(dits, key=lambda name: rows[name]["fid"])] = "the best flow-DiT row (reference)"
+    out = []
+    for name, change in changes.items():
+        row = rows.get(name)
+        if row is None:
+            continue
+        line = {
+            "row": name,
+            "change": change,
+            "params_m": row["params"] / 1e6,
+            **{key: row[key] for key in ("sampling_gflops", "fid", "precision", "recall", "classifier_score")},
+        }
+        if ecar is not None and name != "ecar":
+            line["fid_vs_ecar"] = row["fid"] - ecar["fid"]
+            line["verdict"] = headline.verdict(row["fid"], ecar["fid"], threshold)
+        out.append(line)
+    return out
+
+
+def summary_lines(lines: list[dict[str, Any]], threshold: float) -> list[str]:
+    """What the table says, in words: which changes beat E-CAR's default beyond the seed noise."""
+    judged = [line for line in lines if "verdict" in line and line["row"] in ABLATIONS]
+    if not judged:
+        return []
+    better = [line["row"] for line in judged if line["verdict"] == "better"]
+    ties = [line["row"] for line in judged if line["verdict"] == "tie"]
+    best = min(judged, key=lambda line: line["fid"])
+    words = [
+        "",
+        f"Seed noise (the FID spread between two sampling seeds of the same model): {threshold:.2f}; "
+        "a difference within it is a tie.",
+        f"Better than E-CAR's default beyond the noise: {', '.join(better) or 'none'}; "
+        f"ties: {', '.join(ties) or 'none'}. Lowest FID of the ablations: {best['row']} "
+        f"({best['fid']:.2f}, {best['fid_vs_ecar']:+.2f}).",
+    ]
+    return words
+
+
+def report(paths: headline.Paths, names: list[str], results: Path) -> dict[str, Any]:
+    rows = headline_rows(paths)
+    if "ecar" not in rows:
+        raise FileNotFoundError(f"no E-CAR metrics under {paths.root}: run headline.py's evaluate part first")
+    between = {
+        name: json.loads(storage.read_text(paths.metrics(f"{name}/between-seeds")))
+        for name in rows
+        if storage.exists(paths.metrics(f"{name}/between-seeds"))
+    }
+    threshold = headline.seed_noise(rows, between)["tie_threshold"]
+    lines = table(rows, names, threshold)
+    ecar = rows["ecar"]
+    result = {
+        "what": __doc__.split("\n\n")[0],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "samples": ecar["samples"],
+        "reference_images": ecar["reference_images"],
+        "train_steps": ecar["train_steps"],
+        "global_batch_size": ecar["global_batch_size"],
+        "tie_threshold": threshold,
+        "ablations": {name: {"change": ABLATIONS[name][0], "overrides": ABLATIONS[name][1]} for name in names},
+        "rows": lines,
+    }
+    text = [
+        "# E-CAR's design ablations at the headline's budget",
+        "",
+        f"{result['date']}; every model trained {result['train_steps']} steps at batch "
+        f"{result['global_batch_size']} on the headline's data; {result['samples']} samples per row on the same "
+        f"(class, seed) rows, sampling seed 0; metrics against the first {result['reference_images']} test images. "
+        "`fid_vs_ecar`: the row's FID minus E-CAR's default (negative is better).",
+        "",
+        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for line in lines:
+        text.append("| " + " | ".join(fmt.format(line[c]) if c in line else "-" for c, fmt in COLUMNS) + " |")
+    text += summary_lines(lines, threshold)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "ablations.json").write_text(json.dumps(result, indent=2))
+    (results / "ablations.md").write_text("\n".join(text) + "\n")
+    shown = [Variant(line["row"], line["row"]) for line in lines if "/" not in line["row"]]
+    headline.grid(shown, paths, results / "ablations-grid.png")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument("--scale", choices=sorted(headline.SCALES), default="full")
+    parser.add_argument("--root", default="outputs/headline", help="the headline's work root (its data and rows)")
+    parser.add_argument("--train-steps", type=int, help="training steps (default: the scale's, as the headline)")
+    parser.add_argument("--samples", type=int, help="images per row (default: the scale's, as the headline)")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument(
+        "--results-dir", type=Path, help="default: benchmarks/results for outputs/headline, else ROOT/results"
+    )
+    args = parser.parse_args(argv)
+    scale = dataclasses.replace(
+        headline.SCALES[args.scale],
+        train_steps=args.train_steps or headline.SCALES[args.scale].train_steps,
+        samples=args.samples or headline.SCALES[args.scale].samples,
+    )
+    results = args.results_dir or (
+        headline.RESULTS if Path(args.root) == Path("outputs/headline") else Path(args.root) / "results"
+    )
+    paths = headline.Paths(
+        root=args.root, manifest=storage.join(args.root, "latents"), tokenizer=storage.join(args.root, "tokenizer")
+    )
+    names = args.ablations
+    variants = [Variant(name, name) for name in names]
+    try:
+        if {"train", "sample"} & set(args.parts):
+            from ecar.runtime import init_ray
+
+            init_ray(args.address)
+        if "train" in args.parts:
+            configs = ablation_configs(paths, scale, names)
+            for name, config in configs.items():
+                headline.log.info("%-18s %.2f M parameters", name, headline.parameter_count(config) / 1e6)
+            headline.train_models(configs, names, paths, args.address)
+        if "sample" in args.parts:
+            headline.sample_variants(variants, paths, scale.samples, args.actors)
+        if "evaluate" in args.parts:
+            import ray
+
+            ray.shutdown()
+            headline.evaluate_variants(variants, paths, scale.samples)
+        if "report" in args.parts:
+            report(paths, names, results)
+            print((results / "ablations.md").read_text())
+    except USER_ERRORS as error:
+        print(f"ablations: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
