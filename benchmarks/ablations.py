@@ -44,6 +44,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "per-stage loss weights 1, 2, 4 (default equal)",
         {"stages.loss_weights": [1.0, 2.0, 4.0]},
     ),
+    "ecar-long-first": (
+        "window edges 0, .5, .75, 1: the 4x4 stage takes half the path (default even thirds)",
+        {"stages.window_edges": [0.0, 0.5, 0.75, 1.0]},
+    ),
     "ecar-2stages": (
         "two stages: grids 8, 16 with 10 + 10 steps (default three: 4, 8, 16)",
         {"stages.grids": [8, 16], "flow.steps_per_stage": [10, 10]},
