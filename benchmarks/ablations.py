@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -145,21 +144,10 @@ def report(paths: headline.Paths, names: list[str], results: Path) -> dict[str, 
     rows = headline_rows(paths)
     if "ecar" not in rows:
         raise FileNotFoundError(f"no E-CAR metrics under {paths.root}: run headline.py's evaluate part first")
-    between = {
-        name: json.loads(storage.read_text(paths.metrics(f"{name}/between-seeds")))
-        for name in rows
-        if storage.exists(paths.metrics(f"{name}/between-seeds"))
-    }
-    threshold = headline.seed_noise(rows, between)["tie_threshold"]
+    threshold = headline.seed_noise(rows, headline.between_seeds(paths, rows))["tie_threshold"]
     lines = table(rows, names, threshold)
-    ecar = rows["ecar"]
     result = {
-        "what": __doc__.split("\n\n")[0],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "samples": ecar["samples"],
-        "reference_images": ecar["reference_images"],
-        "train_steps": ecar["train_steps"],
-        "global_batch_size": ecar["global_batch_size"],
+        **headline.report_header(__doc__.split("\n\n")[0], rows["ecar"]),
         "tie_threshold": threshold,
         "ablations": {name: {"change": ABLATIONS[name][0], "overrides": ABLATIONS[name][1]} for name in names},
         "rows": lines,
@@ -172,11 +160,8 @@ def report(paths: headline.Paths, names: list[str], results: Path) -> dict[str, 
         f"(class, seed) rows, sampling seed 0; metrics against the first {result['reference_images']} test images. "
         "`fid_vs_ecar`: the row's FID minus E-CAR's default (negative is better).",
         "",
-        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        *headline.markdown_table(COLUMNS, lines),
     ]
-    for line in lines:
-        text.append("| " + " | ".join(fmt.format(line[c]) if c in line else "-" for c, fmt in COLUMNS) + " |")
     text += summary_lines(lines, threshold)
     results.mkdir(parents=True, exist_ok=True)
     (results / "ablations.json").write_text(json.dumps(result, indent=2))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,12 +114,11 @@ def within_class_spread(paths: headline.Paths, names: list[str], count: int) -> 
 def noise(paths: headline.Paths) -> dict:
     """The headline's noise figures at the same N: real train images against the test images
     (the floor of every metric) and E-CAR's default sampled with a second seed (seed noise)."""
-    out = {}
-    for name in ("floor-real-train", "ecar", f"ecar/seed{headline.SEED_ROW_SEED}"):
-        if storage.exists(paths.metrics(name)):
-            row = json.loads(storage.read_text(paths.metrics(name)))
-            out[name] = {key: row[key] for key in ("fid", "precision", "recall", "classifier_score")}
-    return out
+    found = paths.read_metrics(("floor-real-train", "ecar", f"ecar/seed{headline.SEED_ROW_SEED}"))
+    return {
+        name: {key: row[key] for key in ("fid", "precision", "recall", "classifier_score")}
+        for name, row in found.items()
+    }
 
 
 def noise_lines(figures: dict, samples: int) -> list[str]:
@@ -158,23 +156,11 @@ def before_after_lines(found: dict) -> list[str]:
 
 
 def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dict:
-    found = {
-        v.name: json.loads(storage.read_text(paths.metrics(v.name)))
-        for v in variants
-        if storage.exists(paths.metrics(v.name))
-    }
+    found = paths.read_metrics(v.name for v in variants)
     first = next(iter(found.values()))
     for name, value in within_class_spread(paths, list(found), first["reference_images"]).items():
         found[name]["within_class_spread"] = value
-    result = {
-        "what": __doc__.split("\n\n")[0],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "samples": first["samples"],
-        "reference_images": first["reference_images"],
-        "train_steps": first["train_steps"],
-        "global_batch_size": first["global_batch_size"],
-        "rows": found,
-    }
+    result = {**headline.report_header(__doc__.split("\n\n")[0], first), "rows": found}
     lines = [
         "# E-CAR's within-class diversity: ablations (issue 17)",
         "",
@@ -184,11 +170,8 @@ def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dic
         "standard deviation across a class's samples over that of the test images (1: as varied as real images "
         "within each class; towards 0: every sample of a class the same garment).",
         "",
-        "| " + " | ".join(c for c, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        *headline.markdown_table(COLUMNS, found.values()),
     ]
-    for row in found.values():
-        lines.append("| " + " | ".join(fmt.format(row[c]) if c in row else "-" for c, fmt in COLUMNS) + " |")
     result["noise"] = noise(paths)
     lines += noise_lines(result["noise"], result["samples"])
     lines += before_after_lines(found)

@@ -37,6 +37,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,23 @@ class Paths:
 
     def metrics(self, variant: str) -> str:
         return storage.join(self.root, "metrics", f"{variant.replace('/', '-')}.json")
+
+    def read_metrics(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The metrics of every name that has been scored, by name (the others left out)."""
+        return {
+            name: json.loads(storage.read_text(self.metrics(name)))
+            for name in names
+            if storage.exists(self.metrics(name))
+        }
+
+
+def report_header(what: str, row: dict[str, Any]) -> dict[str, Any]:
+    """What every report on these models starts with, from one of its scored rows."""
+    return {
+        "what": what,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **{key: row[key] for key in ("samples", "reference_images", "train_steps", "global_batch_size")},
+    }
 
 
 # ----- configs: one budget for every model ------------------------------------------------------
@@ -282,12 +300,9 @@ def evaluate_variants(variants: list[Variant], paths: Paths, num_images: int) ->
 
 
 def best_dit(variants: list[Variant], paths: Paths) -> Variant | None:
-    scored = [
-        (json.loads(storage.read_text(paths.metrics(v.name)))["fid"], v)
-        for v in variants
-        if v.model == "dit" and v.sample and storage.exists(paths.metrics(v.name))
-    ]
-    return min(scored, key=lambda pair: pair[0])[1] if scored else None
+    dits = {v.name: v for v in variants if v.model == "dit" and v.sample}
+    scored = paths.read_metrics(dits)
+    return dits[min(scored, key=lambda name: scored[name]["fid"])] if scored else None
 
 
 def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: int) -> None:
@@ -542,6 +557,14 @@ COLUMNS = [
 FLOOR_NAMES = {"floor-real-train": "real train images", "floor-tokenizer": "tokenizer reconstructions of train images"}
 
 
+def markdown_table(columns: list[tuple[str, str]], rows: Iterable[dict[str, Any]]) -> list[str]:
+    """A Markdown table, one line a row: each column's value formatted, or "-" where it is missing."""
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[name]) if name in row else "-" for name, fmt in columns) + " |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows, compared, noise = result["variants"], result["comparisons"], result["seed_noise"]
     n = result["reference_images"]
@@ -555,12 +578,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"only within this table); CFG 1.5; latency on {result['machine']['cpus']} CPU cores, torch "
         f"{result['machine']['torch']}, rows measured side by side.",
         "",
-        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        *markdown_table(COLUMNS, rows.values()),
     ]
-    for row in rows.values():
-        cells = [fmt.format(row[name]) if name in row else "-" for name, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Noise figures (N = {n} against the same test images):",
@@ -829,43 +848,31 @@ def budget_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def between_seeds(paths: Paths, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The FID between the two sampling seeds' sample sets, by variant, where it was measured."""
+    found = paths.read_metrics(f"{name}/between-seeds" for name in names)
+    return {name.removesuffix("/between-seeds"): row for name, row in found.items()}
+
+
 def report(variants: list[Variant], paths: Paths, scale_name: str, results: Path) -> dict[str, Any]:
-    names = [v.name for v in variants] + [f"{v.name}/seed{SEED_ROW_SEED}" for v in variants]
-    rows = {
-        name: json.loads(storage.read_text(paths.metrics(name)))
-        for name in names
-        if storage.exists(paths.metrics(name))
-    }
+    rows = paths.read_metrics([v.name for v in variants] + [f"{v.name}/seed{SEED_ROW_SEED}" for v in variants])
     if not rows:
         raise FileNotFoundError(f"no metrics under {storage.join(paths.root, 'metrics')}: run the evaluate part first")
     results.mkdir(parents=True, exist_ok=True)  # before the first figure goes into it
-    between = {
-        v.name: json.loads(storage.read_text(paths.metrics(f"{v.name}/between-seeds")))
-        for v in variants
-        if storage.exists(paths.metrics(f"{v.name}/between-seeds"))
-    }
-    floors_found = {
-        name: json.loads(storage.read_text(paths.metrics(name)))
-        for name in FLOOR_NAMES
-        if storage.exists(paths.metrics(name))
-    }
-    sampled = next(r for r in rows.values() if "fid" in r)
-    noise = seed_noise(rows, between)
+    noise = seed_noise(rows, between_seeds(paths, [v.name for v in variants]))
     result = {
-        "what": "E-CAR vs flow-DiT of matched parameter count, same training budget, same sample rows",
+        **report_header(
+            "E-CAR vs flow-DiT of matched parameter count, same training budget, same sample rows",
+            next(r for r in rows.values() if "fid" in r),
+        ),
         "scale": scale_name,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "root": paths.root,
         "manifest_uri": paths.manifest,
         "machine": machine(),
-        "train_steps": sampled["train_steps"],
-        "global_batch_size": sampled["global_batch_size"],
-        "samples": sampled["samples"],
-        "reference_images": sampled["reference_images"],
         "flop_convention": "multiply-add counted once (DiT's convention), counted by running generate()",
         "latency": "median seconds per image of generate() on this machine; rows take turns within each repeat",
         "variants": rows,
-        "floors": floors_found,
+        "floors": paths.read_metrics(FLOOR_NAMES),
         "seed_noise": noise,
         "comparisons": comparisons(rows, noise["tie_threshold"]),
         "loss_curves": loss_curves(paths, results / "headline-loss.png"),

@@ -12,11 +12,12 @@ import ablations  # noqa: E402
 pytestmark = pytest.mark.unit
 
 
-def row(model: str, fid: float) -> dict:
+def row(model: str, fid: float, gflops: float = 6.0) -> dict:
     return {
         "model": model,
         "params": 9.5e6,
-        "sampling_gflops": 6.0,
+        "sampling_gflops": gflops,
+        "steps_per_stage": [10, 10, 10],
         "fid": fid,
         "precision": 0.5,
         "recall": 0.2,
@@ -30,9 +31,9 @@ ROWS = {
     "ecar-full": row("ecar-full", 90.0),
     "ecar-flow6": row("ecar-flow6", 70.0),
     "ecar-weights": row("ecar-weights", 80.5),
-    "dit@50": row("dit", 56.0),
-    "dit@10": row("dit", 60.0),
-    "dit@50/seed1": row("dit", 55.0),
+    "dit@50": row("dit", 56.0, 45.0),
+    "dit@10": row("dit", 60.0, 9.0),
+    "dit@50/seed1": row("dit", 55.0, 45.0),
 }
 
 
@@ -66,3 +67,40 @@ def test_every_ablation_changes_the_preset_and_builds():
         config = get_config("ecar-fmnist", overrides)
         assert config != default, name
         assert headline.parameter_count(config) > 0, name  # the model builds with these settings
+
+
+def test_the_reports_read_the_scored_rows_from_a_work_root(tmp_path):
+    """headline.report and ablations.report on a root that holds only metrics (no models or
+    samples): the tables, the seed noise taken from the second-seed rows, the files written."""
+    import json
+
+    import headline
+
+    from ecar import storage
+
+    paths = headline.Paths(str(tmp_path / "root"), str(tmp_path / "root" / "latents"), "")
+    scored = {
+        **ROWS,
+        "floor-real-train": row("real", 12.0),
+        "ecar/between-seeds": {"variant": "ecar", "fid_between_seeds": 3.0},
+    }
+    for name, metrics in scored.items():
+        extra = {"samples": 100, "reference_images": 100, "train_steps": 20, "global_batch_size": 8}
+        storage.write_text_atomic(paths.metrics(name), json.dumps({"variant": name, **extra, **metrics}))
+    variants = [headline.Variant(name, metrics["model"]) for name, metrics in ROWS.items() if "/" not in name]
+    results = tmp_path / "results"
+
+    result = headline.report(variants, paths, "full", results)
+    assert result["seed_noise"]["tie_threshold"] == pytest.approx(1.0)  # ecar 80 vs 81, dit@50 56 vs 55
+    assert result["seed_noise"]["ecar"]["fid_between_seeds"] == 3.0
+    assert result["floors"]["floor-real-train"]["fid"] == 12.0
+    assert result["samples"] == 100 and result["train_steps"] == 20
+    assert "| ecar-flow6 | [10, 10, 10] | 70.00 |" in (results / "headline.md").read_text()
+    assert (results / "headline.png").stat().st_size > 0
+
+    ablation = ablations.report(paths, ["ecar-flow6", "ecar-weights"], results)
+    assert ablation["tie_threshold"] == pytest.approx(1.0)
+    text = (results / "ablations.md").read_text()
+    assert "| ecar-flow6 | " + ablations.ABLATIONS["ecar-flow6"][0] + " | 9.50 | 6.00 | 70.00 |" in text
+    assert "| -10.00 | better |" in text and "| dit@50 | the best flow-DiT row (reference) | 9.50 | 45.00 |" in text
+    assert json.loads((results / "ablations.json").read_text())["rows"][0]["row"] == "ecar"
