@@ -11,6 +11,7 @@ already scored are reused from its metrics.
 
     python benchmarks/diversity.py            # after headline.py's train part; resumable
     python benchmarks/diversity.py --parts report
+    python benchmarks/diversity.py --variants ecar ecar+ramp dit@50   # only some rows
 
 Writes benchmarks/results/diversity.json, diversity.md and diversity.png (per class: 8 samples
 of each model, the same seeds in every panel).
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "--parts", nargs="+", choices=("sample", "evaluate", "report"), default=["sample", "evaluate", "report"]
     )
     parser.add_argument("--root", default="outputs/headline")
+    parser.add_argument(
+        "--variants", nargs="+", choices=[v.name for v in rows()], help="only these rows (default: all)"
+    )
     parser.add_argument("--samples", type=int, default=headline.SCALES["full"].samples)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument(
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = headline.Paths(
         root=args.root, manifest=storage.join(args.root, "latents"), tokenizer=storage.join(args.root, "tokenizer")
     )
-    variants = rows()
+    variants = [v for v in rows() if not args.variants or v.name in args.variants]
     if "sample" in args.parts:
         from ecar.runtime import init_ray
 
