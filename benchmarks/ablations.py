@@ -4,7 +4,7 @@ Each ablation is E-CAR (`ecar-fmnist`) with one choice changed, trained with the
 experiment's budget on its data and tokenizer (same steps, batch, optimizer, schedule, EMA and
 seed), sampled at its default schedule on the same (class, seed) rows and scored against the
 same test images. The headline's own design ablations, the full window (`ecar-full`) and the AR
-fed the clean estimate (`ecar-clean`), its cheaper schedules (steps per stage) and its E-CAR and
+fed the clean estimate (`ecar-clean`), its other schedules (steps per stage) and its E-CAR and
 flow-DiT rows are reused from its metrics. A difference within the headline's seed noise is a tie.
 
     python benchmarks/ablations.py                     # after headline.py's data part; resumable
