@@ -309,8 +309,8 @@ def best_dit(variants: list[Variant], paths: Paths) -> Variant | None:
 def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: int) -> None:
     """Second-seed samples of E-CAR's default and the best flow-DiT row, evaluated like the others,
     plus the FID between the two seeds' sample sets."""
-    from ecar.evaluation.evaluate import images_to_unit
-    from ecar.evaluation.fid import feature_statistics, frechet_distance, inception_features
+    from ecar.evaluation.evaluate import images_to_unit, sample_features
+    from ecar.evaluation.fid import feature_statistics, frechet_distance
     from ecar.sampler import read_samples
 
     chosen = [v for v in (next((v for v in variants if v.name == "ecar"), None), best_dit(variants, paths)) if v]
@@ -328,7 +328,9 @@ def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: in
         if storage.exists(target):
             continue
         features = [
-            inception_features(images_to_unit(read_samples(paths.samples(v.name), "images")["images"]))
+            sample_features(
+                paths.samples(v.name), images_to_unit(read_samples(paths.samples(v.name), "images")["images"])
+            )
             for v in (first, second)
         ]
         fid = frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))

@@ -4,13 +4,15 @@ cost of sampling.
 
 Reference features and class probabilities of the real images are computed once per (split,
 count) and cached on storage next to the latent manifest (`PREFIX/reference/inception-SPLIT-N.npz`,
-`classifier-SPLIT-N.npz`), so every evaluation against that data set reuses them. FID on a few
+`classifier-SPLIT-N.npz`), so every evaluation against that data set reuses them; a finished
+sample set's Inception features are cached beside it (`SAMPLES/features/inception.npz`). FID on a few
 thousand images is biased upwards against FID-50k: compare only numbers measured with the same
 N (it is recorded).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import statistics
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from ecar import storage
-from ecar.config import Config
+from ecar.config import Config, StorageConfig
 from ecar.data.manifest import read_manifest
 from ecar.data.prepare import read_image_split
 from ecar.evaluation.classifier import classifier_probabilities, classifier_score
@@ -41,6 +43,26 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _read_values(uri: str, storage_config: StorageConfig | None) -> tuple[np.ndarray, dict[str, str]] | None:
+    """A cached array (float64) and the strings stored beside it, or None where there is no cache."""
+    if not storage.exists(uri, storage_config):
+        return None
+    with np.load(io.BytesIO(storage.read_bytes(uri, storage_config))) as data:
+        # caches written before the classifier score held Inception features under "features"
+        values = data["values" if "values" in data else "features"].astype(np.float64)
+        return values, {key: str(data[key]) for key in data.files if key not in ("values", "features")}
+
+
+def _write_values(uri: str, values: np.ndarray, storage_config: StorageConfig | None, **strings: str) -> np.ndarray:
+    """Cache `values` as float32 and return them as read back (float64), so a first computation
+    and every later read of the cache give the same numbers."""
+    values = values.astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, values=values, **strings)
+    storage.write_bytes_atomic(uri, buffer.getvalue(), storage_config)
+    return values.astype(np.float64)
+
+
 def _cached_reference(
     manifest_uri: str,
     split: str,
@@ -53,21 +75,31 @@ def _cached_reference(
     manifest as PREFIX/reference/KIND-SPLIT-N.npz (float32)."""
     manifest = read_manifest(manifest_uri, config.storage)
     cache = storage.join(manifest["prefix"], "reference", f"{kind}-{split}-{num_images}.npz")
-    if storage.exists(cache, config.storage):
-        with np.load(io.BytesIO(storage.read_bytes(cache, config.storage))) as data:
-            log.info("reference %s from the cache %s", kind, cache)
-            # caches written before the classifier score held Inception features under "features"
-            return data["values" if "values" in data else "features"].astype(np.float64)
+    cached = _read_values(cache, config.storage)
+    if cached is not None:
+        log.info("reference %s from the cache %s", kind, cache)
+        return cached[0]
     images_uri = manifest["source"]["images_uri"]
     images = read_image_split(images_uri, split, num_images, config)
     if images.shape[0] < num_images:
         raise ValueError(f"{images_uri}/{split} holds {images.shape[0]} images, fewer than the {num_images} asked for")
-    values = compute(images).astype(np.float32)
-    buffer = io.BytesIO()
-    np.savez(buffer, values=values, split=split, images_uri=images_uri)
-    storage.write_bytes_atomic(cache, buffer.getvalue(), config.storage)
+    values = _write_values(cache, compute(images), config.storage, split=split, images_uri=images_uri)
     log.info("cached reference %s of %d %s images at %s", kind, num_images, split, cache)
-    return values.astype(np.float64)
+    return values
+
+
+def sample_features(samples_uri: str, images_NCHW: torch.Tensor) -> np.ndarray:
+    """Inception features of a finished sample set (its images in [-1, 1]), computed once and
+    cached beside it as SAMPLES/features/inception.npz under the hash of its manifest.json (a
+    sample set is final once that is written; a set sampled again gets a new manifest), so
+    scoring the set again, or FID between two sets, reuses them."""
+    key = hashlib.sha256(storage.read_bytes(storage.join(samples_uri, "manifest.json"))).hexdigest()
+    cache = storage.join(samples_uri, "features", "inception.npz")
+    cached = _read_values(cache, None)
+    if cached is not None and cached[1].get("manifest_sha256") == key and len(cached[0]) == len(images_NCHW):
+        log.info("sample features from the cache %s", cache)
+        return cached[0]
+    return _write_values(cache, inception_features(images_NCHW, device=device_name()), None, manifest_sha256=key)
 
 
 def reference_features(manifest_uri: str, split: str, num_images: int, config: Config) -> np.ndarray:
@@ -161,12 +193,16 @@ def score_images(
     config: Config,
     model: torch.nn.Module,
     latency_batches: tuple[int, ...],
+    features: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Quality of generated images in [-1, 1] against the first `reference_images` real images
     of `split` (FID, precision/recall, classifier score), and the cost of sampling them with
-    `config` (FLOPs; latency of `model` at `latency_batches`, when given)."""
+    `config` (FLOPs; latency of `model` at `latency_batches`, when given). `features`: the
+    images' Inception features where they are known already (else computed here)."""
     real = reference_features(manifest_uri, split, reference_images, config)
-    metrics: dict[str, Any] = quality_metrics(real, inception_features(images_NCHW, device=device_name()))
+    if features is None:
+        features = inception_features(images_NCHW, device=device_name())
+    metrics: dict[str, Any] = quality_metrics(real, features)
     metrics.update(
         classifier_metrics(
             reference_probabilities(manifest_uri, split, reference_images, config),
@@ -213,6 +249,7 @@ def evaluate_samples(
         config,
         exported.model,
         latency_batches,
+        sample_features(samples_uri, images),
     )
     metrics.update(
         {

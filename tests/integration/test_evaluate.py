@@ -103,3 +103,27 @@ def test_image_labels_come_in_the_order_of_the_images(latent_manifest):
     assert labels.dtype == np.int64 and labels.shape == (10,)
     assert read_image_split(images_uri, "test", 10, config).shape[0] == 10
     assert labels[:5].tolist() == [9, 2, 1, 1, 6]
+
+
+def test_a_sample_sets_features_are_cached_beside_it_until_it_is_sampled_again(latent_manifest, tmp_path, monkeypatch):
+    import ecar.evaluation.evaluate as evaluate
+    from ecar import storage
+
+    config, _, images_uri = latent_manifest
+    samples = str(tmp_path / "samples")
+    storage.write_text_atomic(storage.join(samples, "manifest.json"), '{"num_images": 12}')
+    images = read_image_split(images_uri, "test", 12, config)
+    first = evaluate.sample_features(samples, images)
+    np.testing.assert_allclose(first, inception_features(images), rtol=1e-5, atol=1e-5)  # float32 on storage
+    assert (tmp_path / "samples" / "features" / "inception.npz").exists()
+
+    def no_inception(*args, **kwargs):
+        raise AssertionError("Inception ran again for a cached sample set")
+
+    monkeypatch.setattr(evaluate, "inception_features", no_inception)
+    np.testing.assert_array_equal(evaluate.sample_features(samples, images), first)  # the same numbers as the first
+
+    # the set sampled again (a new manifest): the cache no longer answers
+    storage.write_text_atomic(storage.join(samples, "manifest.json"), '{"num_images": 12, "seed": 1}')
+    with pytest.raises(AssertionError, match="Inception ran again"):
+        evaluate.sample_features(samples, images)
