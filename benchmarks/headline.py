@@ -19,6 +19,7 @@ it is a tie).
     python benchmarks/headline.py                          # everything, outputs/headline -> benchmarks/results
     python benchmarks/headline.py --parts data train       # only some parts; re-run to continue
     python benchmarks/headline.py --variants ecar dit@50   # only some variants (and their models)
+    python benchmarks/headline.py --models ecar dit        # only these models and their rows
     python benchmarks/headline.py --scale tiny --root /tmp/headline-tiny   # smoke test, results under the root
 
 Parts: data (images, tokenizer, latents), train, sample, evaluate (with the floors and the seed
@@ -910,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dit-steps", type=int, nargs="+", help="flow-DiT Euler steps (default: 100 50 25 10)")
     parser.add_argument("--dit-250", action="store_true", help="also sample and score flow-DiT@250 (hours on CPU)")
     parser.add_argument("--dit-depth", type=int, help="DiT depth (default: the one matching E-CAR's parameters)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only train these models")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models (training and rows)")
     parser.add_argument("--variants", nargs="+", help="only these rows (e.g. ecar dit@50; default: all)")
     parser.add_argument("--actors", type=int, default=2, help="sampling actors (1 CPU each)")
     parser.add_argument(
@@ -941,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unknown variants {unknown}; available: {[v.name for v in variants]}")
             variants = [v for v in variants if v.name in args.variants]
+        if args.models:
+            variants = [v for v in variants if v.model in args.models]
         models = args.models or [m for m in MODELS if any(v.model == m for v in variants)]
         if {"data", "train", "sample"} & set(args.parts):
             from ecar.runtime import init_ray
