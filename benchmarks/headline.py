@@ -7,9 +7,9 @@ clean_estimate`, the design before issue 17, for the diversity comparison) and a
 (`dit-fmnist` with the depth whose parameter count is the closest to E-CAR's).
 
 Rows (variants), each sampled on the same (class, seed) rows and judged against the same N test
-images: E-CAR at its default schedule, a richer one and cheaper ones, the full window and the clean-estimate
-model at default, the flow-DiT at 100, 50, 25 and 10 Euler steps and at the step count whose
-FLOPs equal E-CAR's default (cost-matched); flow-DiT@250 for FLOPs and latency (FID with
+images: E-CAR at its default schedule, a richer one and cheaper ones, the full window and the
+clean-estimate model at default, the flow-DiT at 100, 50, 25 and 10 Euler steps and at the step
+count whose FLOPs equal E-CAR's default (cost-matched); flow-DiT@250 for FLOPs and latency (FID with
 `--dit-250`). Noise figures: FID of N real train images against the N test images (the floor),
 of the tokenizer's reconstructions of those train images (the floor through this tokenizer:
 what a model that generates the training latents exactly would score), and between two

@@ -5,9 +5,9 @@ cost of sampling.
 Reference features and class probabilities of the real images are computed once per (split,
 count) and cached on storage next to the latent manifest (`PREFIX/reference/inception-SPLIT-N.npz`,
 `classifier-SPLIT-N.npz`), so every evaluation against that data set reuses them; a finished
-sample set's Inception features are cached beside it (`SAMPLES/features/inception.npz`). FID on a few
-thousand images is biased upwards against FID-50k: compare only numbers measured with the same
-N (it is recorded).
+sample set's Inception features are cached beside it (`SAMPLES/features/inception.npz`). FID on
+a few thousand images is biased upwards against FID-50k: compare only numbers measured with the
+same N (it is recorded).
 """
 
 from __future__ import annotations
