@@ -190,12 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         train_steps=args.train_steps or headline.SCALES[args.scale].train_steps,
         samples=args.samples or headline.SCALES[args.scale].samples,
     )
-    results = args.results_dir or (
-        headline.RESULTS if Path(args.root) == Path("outputs/headline") else Path(args.root) / "results"
-    )
-    paths = headline.Paths(
-        root=args.root, manifest=storage.join(args.root, "latents"), tokenizer=storage.join(args.root, "tokenizer")
-    )
+    results = headline.results_dir(args.root, args.results_dir)
+    paths = headline.Paths.under(args.root)
     names = args.ablations
     variants = [Variant(name, name) for name in names]
     try:

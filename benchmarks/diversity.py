@@ -30,7 +30,6 @@ from headline import Variant  # noqa: E402
 
 from ecar import storage  # noqa: E402
 
-RESULTS = headline.RESULTS
 SAMPLING_ABLATIONS = {
     "cfg1": ("sampling.cfg_scale=1.0",),
     "ramp": ("sampling.cfg_schedule=linear",),
@@ -200,12 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "--results-dir", type=Path, help="default: benchmarks/results for outputs/headline, else ROOT/results"
     )
     args = parser.parse_args(argv)
-    results = args.results_dir or (
-        RESULTS if Path(args.root) == Path("outputs/headline") else Path(args.root) / "results"
-    )
-    paths = headline.Paths(
-        root=args.root, manifest=storage.join(args.root, "latents"), tokenizer=storage.join(args.root, "tokenizer")
-    )
+    results = headline.results_dir(args.root, args.results_dir)
+    paths = headline.Paths.under(args.root)
     variants = [v for v in rows() if not args.variants or v.name in args.variants]
     if "sample" in args.parts:
         from ecar.runtime import init_ray

@@ -135,6 +135,12 @@ class Paths:
     manifest: str  # the latent data set (its manifest.json's prefix)
     tokenizer: str
 
+    @classmethod
+    def under(cls, root: str, manifest: str | None = None, tokenizer: str | None = None) -> Paths:
+        """The experiment at `root`, on its own latents and tokenizer unless others are given."""
+        manifest = (manifest or storage.join(root, "latents")).removesuffix("/manifest.json")
+        return cls(root, manifest, tokenizer or storage.join(root, "tokenizer"))
+
     @property
     def images(self) -> str:
         return storage.join(self.root, "images")
@@ -157,6 +163,12 @@ class Paths:
             for name in names
             if storage.exists(self.metrics(name))
         }
+
+
+def results_dir(root: str, given: Path | None) -> Path:
+    """Where a study on the headline's models reports: `given`, else benchmarks/results for the
+    real run (outputs/headline), else ROOT/results (a trial run never overwrites the results)."""
+    return given or (RESULTS if Path(root) == Path("outputs/headline") else Path(root) / "results")
 
 
 def report_header(what: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -927,11 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dit_steps = tuple(args.dit_steps or DIT_STEPS[args.scale])
     root = args.root or ("outputs/headline" if args.scale == "full" else f"outputs/headline-{args.scale}")
-    paths = Paths(
-        root=root,
-        manifest=(args.manifest or storage.join(root, "latents")).removesuffix("/manifest.json"),
-        tokenizer=args.tokenizer or storage.join(root, "tokenizer"),
-    )
+    paths = Paths.under(root, args.manifest, args.tokenizer)
     results = args.results_dir or (RESULTS if args.scale == "full" else Path(root) / "results")
     started = time.perf_counter()
     try:
