@@ -8,29 +8,18 @@ Slow tier: two clusters' worth of processes and a DeepSpeed restart take minutes
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 import psutil
 import pytest
 
 from ecar import storage
-from ecar.tracking import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
-
-
-def _ray_start(env: dict[str, str], *args: str) -> None:
-    started = subprocess.run(["ray", "start", *args], env=env, capture_output=True, text=True, timeout=180)
-    if started.returncode:
-        raise RuntimeError(f"`ray start {' '.join(args)}` failed:\n{(started.stdout + started.stderr)[-3000:]}")
 
 
 def _node_processes(node_name: str) -> list[psutil.Process]:
@@ -42,53 +31,8 @@ def _node_processes(node_name: str) -> list[psutil.Process]:
     return []
 
 
-def _worker_node_args(address: str, name: str) -> list[str]:
-    return [
-        f"--address={address}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=2",
-        f"--node-name={name}",
-        f"--dashboard-agent-listen-port={free_port()}",
-    ]
-
-
-@pytest.fixture
-def two_nodes(tmp_path):
-    """A head with no CPUs (the GCS, the driver's side, the train controller: 0-CPU actors) and a
-    2-CPU worker node named "worker-a" that every CPU task and training worker lands on.
-    Yields (GCS address, env, temp dir); stops exactly this cluster's processes at the end."""
-    temp_dir = tempfile.mkdtemp(prefix="ecar-2n-", dir="/tmp")
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1: the suite's 0 (a one-node cluster) refuses a second node
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "token"}
-    token = tmp_path / "auth_token"
-    token.write_text(uuid.uuid4().hex)
-    env["RAY_AUTH_TOKEN_PATH"] = str(token)
-    address = f"127.0.0.1:{free_port()}"
-    try:
-        _ray_start(
-            env,
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={address.rsplit(':', 1)[1]}",
-            "--num-cpus=0",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",  # its default is taken by any other Ray here
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        )
-        _ray_start(env, *_worker_node_args(address, "worker-a"))
-        yield address, env, temp_dir
-    finally:
-        subprocess.run(["pkill", "-TERM", "-f", temp_dir], capture_output=True)
-        time.sleep(3)
-        subprocess.run(["pkill", "-KILL", "-f", temp_dir], capture_output=True)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def test_a_lost_worker_node_is_replaced_and_the_run_resumes_from_its_checkpoint(two_nodes, tmp_path):
-    address, env, _ = two_nodes
+    address, env = two_nodes.gcs_address, two_nodes.env
     from ecar.train.synthetic import write_synthetic_latents
 
     latents = write_synthetic_latents(str(tmp_path / "latents"))
@@ -124,7 +68,7 @@ def test_a_lost_worker_node_is_replaced_and_the_run_resumes_from_its_checkpoint(
         time.sleep(0.2)
     assert killed_after is not None, f"no checkpoint registered before the job ended:\n{job.stdout.read()[-3000:]}"
     time.sleep(5)  # the head notices the dead node, Ray Train the dead workers
-    _ray_start(env, *_worker_node_args(address, "worker-b"))
+    two_nodes.add_worker("worker-b")
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0, out[-5000:]
     assert f"run lost-node: {steps} steps" in out
