@@ -98,21 +98,6 @@ def test_unreachable_storage(no_workers, capsys, s3_latents):
     assert "storage.root" in error and "cannot reach" in error and endpoint in error
 
 
-def test_unreachable_tracking_server(no_workers, capsys, s3_latents, tmp_path):
-    server = f"http://127.0.0.1:{_closed_port()}"
-    error = _train(
-        capsys,
-        "--preset",
-        "ecar-debug",
-        "--manifest",
-        s3_latents,
-        "--output",
-        str(tmp_path),
-        f"tracking.tracking_uri={server}",
-    )
-    assert "tracking.tracking_uri" in error and server in error
-
-
 @pytest.mark.parametrize(
     "defect, expected",
     [
@@ -151,7 +136,7 @@ def test_a_request_the_cluster_cannot_meet_is_refused_before_training(
 
 
 def test_an_unreachable_tracking_server_is_named_without_its_credentials(no_workers, capsys, s3_latents, tmp_path):
-    server = f"http://alice:s3cret@127.0.0.1:{_closed_port()}"
+    address = f"127.0.0.1:{_closed_port()}"
     error = _train(
         capsys,
         "--preset",
@@ -160,6 +145,7 @@ def test_an_unreachable_tracking_server_is_named_without_its_credentials(no_work
         s3_latents,
         "--output",
         str(tmp_path),
-        f"tracking.tracking_uri={server}",
+        f"tracking.tracking_uri=http://alice:s3cret@{address}",
     )
-    assert "tracking.tracking_uri" in error and "s3cret" not in error and "alice" not in error
+    assert "tracking.tracking_uri" in error and address in error
+    assert "s3cret" not in error and "alice" not in error
