@@ -10,24 +10,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 
 import pytest
 
 from ecar.tracking import free_port
-
-
-@dataclass(frozen=True)
-class HeadNode:
-    address: str  # the dashboard's (job submission)
-    headers: dict[str, str]
-    gcs_address: str  # what a driver passes as --address
-    env: dict[str, str]  # a driver's environment for this cluster (its auth token)
-
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address, headers=self.headers)
 
 
 class LocalCluster:
@@ -48,8 +34,13 @@ class LocalCluster:
         # the client sends this cluster's token itself: Ray reads RAY_AUTH_MODE once per process,
         # so setting it here would be ignored after any earlier test of the session started Ray
         self.headers = {"Authorization": f"Bearer {token_path.read_text()}"}
-        self.gcs_address = f"127.0.0.1:{free_port()}"
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
+        self.gcs_address = f"127.0.0.1:{free_port()}"  # what a driver passes as --address
+        self.dashboard = f"http://127.0.0.1:{free_port()}"  # job submission
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard, headers=self.headers)
 
     def ray_start(self, *args: str) -> None:
         started = subprocess.run(
@@ -79,11 +70,9 @@ class LocalCluster:
             "--disable-usage-stats",
             f"--temp-dir={self.temp_dir}",
         )
-        from ray.job_submission import JobSubmissionClient
-
         for _ in range(60):  # the dashboard's job API comes up a little after `ray start` returns
             try:
-                JobSubmissionClient(self.dashboard, headers=self.headers).list_jobs()
+                self.client().list_jobs()
                 return
             except Exception as error:  # noqa: BLE001 - not up yet
                 last_error = error
@@ -108,14 +97,14 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory, s3_server):
-    """A fresh 2-CPU head node on loopback (its dashboard address and auth headers), torn down
+    """A fresh 2-CPU head node on loopback (`client()`, `gcs_address`, `env`), torn down
     when the module's tests are done. Fails the tests that use it, naming the cause, when the
     head does not start or its job API does not answer; they never run against a half-started
     one. It waits for `s3_server` so that the head's processes see the S3 endpoint."""
     cluster = LocalCluster(tmp_path_factory.mktemp("ray") / "auth_token")
     try:
         cluster.start_head(num_cpus=2)
-        yield HeadNode(cluster.dashboard, cluster.headers, cluster.gcs_address, cluster.env)
+        yield cluster
     finally:
         cluster.stop()
 
