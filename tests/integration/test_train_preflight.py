@@ -31,8 +31,9 @@ def _closed_port() -> int:
         return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
-def _train(capsys, *argv):
-    code = main(list(argv))
+def _train(capsys, manifest, output, *overrides):
+    """`ecar train` of the debug preset, which must refuse with one line and exit code 2."""
+    code = main(["--preset", "ecar-debug", "--manifest", str(manifest), "--output", str(output), *overrides])
     error = capsys.readouterr().err
     assert code == 2, error
     assert error.startswith("ecar train: ") and error.count("\n") == 1, error  # one line, no traceback
@@ -40,61 +41,31 @@ def _train(capsys, *argv):
 
 
 def test_unknown_key(no_workers, capsys, s3_latents, tmp_path):
-    error = _train(
-        capsys,
-        "--preset",
-        "ecar-debug",
-        "--manifest",
-        s3_latents,
-        "--output",
-        str(tmp_path),
-        "train.learning_rate=1e-3",
-    )
+    error = _train(capsys, s3_latents, tmp_path, "train.learning_rate=1e-3")
     assert "unknown config key train.learning_rate" in error
 
 
 def test_latent_shape_that_does_not_fit_the_model(no_workers, capsys, s3_latents, tmp_path):
-    error = _train(
-        capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path), "model.latent_channels=8"
-    )
+    error = _train(capsys, s3_latents, tmp_path, "model.latent_channels=8")
     assert "model.latent_channels" in error and "[8, 8, 8]" in error and "[4, 8, 8]" in error
     assert s3_latents in error
 
 
 def test_a_data_set_smaller_than_one_global_batch(no_workers, capsys, s3_latents, tmp_path):
     """Every stream (ecar.train.streams) needs a micro-batch: the set must hold a global batch."""
-    error = _train(
-        capsys,
-        "--preset",
-        "ecar-debug",
-        "--manifest",
-        s3_latents,
-        "--output",
-        str(tmp_path),
-        "train.global_batch_size=512",
-        "train.micro_batch_size=8",
-    )
+    error = _train(capsys, s3_latents, tmp_path, "train.global_batch_size=512", "train.micro_batch_size=8")
     assert "train.global_batch_size: 256 train rows" in error and "global batch of 512" in error
 
 
 def test_missing_manifest(no_workers, capsys, s3_latents, tmp_path):
     missing = s3_latents.rsplit("/", 1)[0] + "/no-latents-here"
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", missing, "--output", str(tmp_path))
+    error = _train(capsys, missing, tmp_path)
     assert "data.manifest_uri" in error and f"{missing}/manifest.json" in error
 
 
 def test_unreachable_storage(no_workers, capsys, s3_latents):
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    error = _train(
-        capsys,
-        "--preset",
-        "ecar-debug",
-        "--manifest",
-        s3_latents,
-        "--output",
-        "s3://ecar-test/out",
-        f"storage.endpoint_url={endpoint}",
-    )
+    error = _train(capsys, s3_latents, "s3://ecar-test/out", f"storage.endpoint_url={endpoint}")
     assert "storage.root" in error and "cannot reach" in error and endpoint in error
 
 
@@ -108,7 +79,7 @@ def test_unreachable_storage(no_workers, capsys, s3_latents):
 )
 def test_bad_latent_values_fail_before_any_worker(no_workers, capsys, tampered_latents, tmp_path, defect, expected):
     prefix = tampered_latents[defect]
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", prefix, "--output", str(tmp_path))
+    error = _train(capsys, prefix, tmp_path)
     assert "data.manifest_uri" in error and f"{prefix}/latents/train/{expected}" in error
 
 
@@ -131,21 +102,12 @@ def test_a_request_the_cluster_cannot_meet_is_refused_before_training(
         raise AssertionError("the job started training despite an unsatisfiable request")
 
     monkeypatch.setattr(ecar.train.trainer, "fit", refuse)
-    error = _train(capsys, "--preset", "ecar-debug", "--manifest", s3_latents, "--output", str(tmp_path), *overrides)
+    error = _train(capsys, s3_latents, tmp_path, *overrides)
     assert expected in error and "train.wait_for_resources=true" in error
 
 
 def test_an_unreachable_tracking_server_is_named_without_its_credentials(no_workers, capsys, s3_latents, tmp_path):
     address = f"127.0.0.1:{_closed_port()}"
-    error = _train(
-        capsys,
-        "--preset",
-        "ecar-debug",
-        "--manifest",
-        s3_latents,
-        "--output",
-        str(tmp_path),
-        f"tracking.tracking_uri=http://alice:s3cret@{address}",
-    )
+    error = _train(capsys, s3_latents, tmp_path, f"tracking.tracking_uri=http://alice:s3cret@{address}")
     assert "tracking.tracking_uri" in error and address in error
     assert "s3cret" not in error and "alice" not in error
