@@ -596,6 +596,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *markdown_table(COLUMNS, rows.values()),
     ]
+    if result.get("not_measured"):
+        lines += ["", f"**Not measured yet** (the run is under way): {', '.join(result['not_measured'])}."]
     lines += [
         "",
         f"Noise figures (N = {n} against the same test images):",
@@ -888,6 +890,8 @@ def report(variants: list[Variant], paths: Paths, scale_name: str, results: Path
         "flop_convention": "multiply-add counted once (DiT's convention), counted by running generate()",
         "latency": "median seconds per image of generate() on this machine; rows take turns within each repeat",
         "variants": rows,
+        # planned rows with no metrics yet (a report of a run still under way says what it lacks)
+        "not_measured": [v.name for v in variants if v.name not in rows],
         "floors": paths.read_metrics(FLOOR_NAMES),
         "seed_noise": noise,
         "comparisons": comparisons(rows, noise["tie_threshold"]),

@@ -88,6 +88,7 @@ def test_the_reports_read_the_scored_rows_from_a_work_root(tmp_path):
         extra = {"samples": 100, "reference_images": 100, "train_steps": 20, "global_batch_size": 8}
         storage.write_text_atomic(paths.metrics(name), json.dumps({"variant": name, **extra, **metrics}))
     variants = [headline.Variant(name, metrics["model"]) for name, metrics in ROWS.items() if "/" not in name]
+    variants.append(headline.Variant("ecar-clean", "ecar-clean"))  # planned, not scored yet
     results = tmp_path / "results"
 
     result = headline.report(variants, paths, "full", results)
@@ -95,7 +96,11 @@ def test_the_reports_read_the_scored_rows_from_a_work_root(tmp_path):
     assert result["seed_noise"]["ecar"]["fid_between_seeds"] == 3.0
     assert result["floors"]["floor-real-train"]["fid"] == 12.0
     assert result["samples"] == 100 and result["train_steps"] == 20
-    assert "| ecar-flow6 | [10, 10, 10] | 70.00 |" in (results / "headline.md").read_text()
+    text = (results / "headline.md").read_text()
+    assert "| ecar-flow6 | [10, 10, 10] | 70.00 |" in text
+    assert (
+        result["not_measured"] == ["ecar-clean"] and "**Not measured yet** (the run is under way): ecar-clean." in text
+    )
     assert (results / "headline.png").stat().st_size > 0
 
     ablation = ablations.report(paths, ["ecar-flow6", "ecar-weights"], results)
