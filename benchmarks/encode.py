@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import time
 import uuid
@@ -33,12 +32,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:
@@ -64,8 +57,10 @@ def main() -> int:
     if args.driver_memory:
         return driver_memory(args)
 
+    from ecar.tracking import free_port
+
     # the loopback S3 endpoint must be in the environment before Ray starts its workers
-    port = _free_port()
+    port = free_port()
     os.environ.update(
         {
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",

@@ -4,10 +4,9 @@ before Ray starts, instead of botocore's retries and a 70-line traceback."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from ecar.tracking import free_port
 from jobs import encode, evaluate, prepare, sample, train_tokenizer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -26,9 +25,7 @@ def no_ray(monkeypatch):
 
 
 def _closed_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once it is closed
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens once free_port has closed its socket
 
 
 # job, its arguments, the flag named in the error (its first storage location)

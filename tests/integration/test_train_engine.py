@@ -4,14 +4,13 @@ trip through the weights-only loader at ZeRO 0, 2 (bf16) and 3."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from ecar.models import build_model
 from ecar.presets import get_config
+from ecar.tracking import free_port
 from ecar.train.ema import EMA
 from ecar.train.loop import TorchBackend, TrainState, train
 from ecar.train.streams import interleave, rank_streams, stream_count
@@ -21,12 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def process_group(monkeypatch_module):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     for key, value in {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
+        "MASTER_PORT": str(free_port()),
         "RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
@@ -279,10 +275,7 @@ def test_two_workers_bf16_ema_follows_the_masters_and_their_state_resumes_on_one
     import torch.multiprocessing as mp
 
     for world_size, mode in ((2, "save"), (1, "load")):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(_two_worker_run, args=(world_size, port, str(tmp_path), mode), nprocs=world_size)
+        mp.spawn(_two_worker_run, args=(world_size, free_port(), str(tmp_path), mode), nprocs=world_size)
     saved = torch.load(tmp_path / "ema.pt", weights_only=True)
     assert _max_difference(saved["ema"], saved["from_masters"]) == 0.0
     fed_from_bf16 = _max_difference(saved["from_module"], saved["from_masters"])

@@ -3,10 +3,9 @@ that names the key, URI or file (exit code 2)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from ecar.tracking import free_port
 from jobs.train import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -23,12 +22,6 @@ def no_workers(monkeypatch):
 
     monkeypatch.setattr(ecar.runtime, "init_ray", refuse)
     monkeypatch.setattr(ecar.train.trainer, "fit", refuse)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
 
 
 def _train(capsys, manifest, output, *overrides):
@@ -64,7 +57,7 @@ def test_missing_manifest(no_workers, capsys, s3_latents, tmp_path):
 
 
 def test_unreachable_storage(no_workers, capsys, s3_latents):
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens once free_port has closed its socket
     error = _train(capsys, s3_latents, "s3://ecar-test/out", f"storage.endpoint_url={endpoint}")
     assert "storage.root" in error and "cannot reach" in error and endpoint in error
 
@@ -107,7 +100,7 @@ def test_a_request_the_cluster_cannot_meet_is_refused_before_training(
 
 
 def test_an_unreachable_tracking_server_is_named_without_its_credentials(no_workers, capsys, s3_latents, tmp_path):
-    address = f"127.0.0.1:{_closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     error = _train(capsys, s3_latents, tmp_path, f"tracking.tracking_uri=http://alice:s3cret@{address}")
     assert "tracking.tracking_uri" in error and address in error
     assert "s3cret" not in error and "alice" not in error
