@@ -20,9 +20,12 @@ streaming latent reader + MLflow), written to benchmarks/results/train.json.
    image shards) at 1 worker x 1 thread (the config's default), 1 worker x 2 threads and
    2 workers x 1 thread: seconds per step from the per-step loss timestamps in MLflow, runs
    alternating as above.
+5. Precision: the quickstart's layout (2 ZeRO-2 workers x 1 thread, global batch 32) in fp32 and
+   in bf16, alternating as above, with the CPU's native bf16 instruction sets.
 
     python benchmarks/train.py [throughput] [memory]     # both: ~10 minutes on 2 cores
     python benchmarks/train.py threads --manifest outputs/headline/latents
+    python benchmarks/train.py precision --manifest outputs/quickstart/latents
     python benchmarks/train.py tokenizer                 # ~8 minutes
 """
 
@@ -110,24 +113,39 @@ THREAD_SETTINGS = {  # name -> overrides; both ask Ray for 0.5 CPU per worker, l
     "1 worker x 2 threads": ["train.num_workers=1", "train.torch_threads=2", "train.micro_batch_size=64"],
     "2 workers x 1 thread": ["train.num_workers=2", "train.torch_threads=1", "train.micro_batch_size=32"],
 }
+# the quickstart's layout (2 ZeRO-2 workers x 1 thread, global batch 32) in fp32 and in bf16
+PRECISION_SETTINGS = {
+    name: ["train.num_workers=2", "train.torch_threads=1", "train.micro_batch_size=16", f"train.precision={name}"]
+    for name in ("fp32", "bf16")
+}
 
 
-def threads(manifest: str, root: Path, tracking: str, client, steps: int = 30, repeats: int = 2) -> dict:
-    """Seconds per optimizer step of ecar-fmnist at global batch 64 for each THREAD_SETTINGS entry."""
-    per_setting: dict[str, list[float]] = {name: [] for name in THREAD_SETTINGS}
+def alternate(
+    settings: dict[str, list[str]],
+    batch: int,
+    manifest: str,
+    root: Path,
+    tracking: str,
+    client,
+    steps: int = 30,
+    repeats: int = 2,
+) -> dict:
+    """Seconds per optimizer step of ecar-fmnist at global batch `batch` for each of `settings`
+    (name -> overrides), the runs alternating (A B A B) so that load drifts hit every setting."""
+    per_setting: dict[str, list[float]] = {name: [] for name in settings}
     for repeat in range(repeats):
-        for index, (name, overrides) in enumerate(THREAD_SETTINGS.items()):
+        for index, (name, overrides) in enumerate(settings.items()):
             common = [
                 "train.cpus_per_worker=0.5",
                 "train.zero_stage=2",
-                "train.global_batch_size=64",
+                f"train.global_batch_size={batch}",
                 f"train.steps={steps}",
                 "train.log_every=5",
                 "train.sample_every=100000",
                 "train.checkpoint_every=100000",
                 "train.val_rows=0",
             ]
-            run_name = f"threads-{index}-{repeat}"
+            run_name = f"alternate-{index}-{repeat}"
             config, result, seconds = _fit("ecar-fmnist", common + overrides, manifest, root, run_name, tracking)
             workers = config.train.num_workers
             samples = _metric_windows(client, result.mlflow_run_id, "samples_per_s_per_worker")[1:]
@@ -143,7 +161,7 @@ def threads(manifest: str, root: Path, tracking: str, client, steps: int = 30, r
     rows = [
         {
             "setting": name,
-            "overrides": THREAD_SETTINGS[name],
+            "overrides": settings[name],
             "s_per_step_median": statistics.median(values),
             "s_per_step_min": min(values),
             "s_per_step_max": max(values),
@@ -155,7 +173,7 @@ def threads(manifest: str, root: Path, tracking: str, client, steps: int = 30, r
     slowest = max(rows, key=lambda row: row["s_per_step_median"])
     return {
         "preset": "ecar-fmnist",
-        "global_batch_size": 64,
+        "global_batch_size": batch,
         "zero_stage": 2,
         "steps_per_run": steps,
         "data": manifest,
@@ -296,7 +314,7 @@ def main() -> int:
 
     import mlflow
 
-    from ecar.runtime import init_ray
+    from ecar.runtime import cpu_bf16_flags, init_ray
     from ecar.train.synthetic import write_synthetic_latents
 
     root = Path(tempfile.mkdtemp(prefix="ecar-bench-train-"))
@@ -311,10 +329,10 @@ def main() -> int:
         parser.add_argument(
             "parts",
             nargs="*",
-            choices=["throughput", "memory", "threads", "tokenizer"],
+            choices=["throughput", "memory", "threads", "precision", "tokenizer"],
             help="what to (re-)measure; the others keep their recorded figures",
         )
-        parser.add_argument("--manifest", help="real latents for the threads part (default: synthetic)")
+        parser.add_argument("--manifest", help="real latents for threads and precision (default: synthetic)")
         args = parser.parse_args()
         parts = args.parts or ["throughput", "memory"]
         report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -334,7 +352,10 @@ def main() -> int:
         if "throughput" in parts:
             report["throughput"] = throughput(fmnist, root, tracking, client)
         if "threads" in parts:
-            report["threads"] = threads(args.manifest or fmnist, root, tracking, client)
+            report["threads"] = alternate(THREAD_SETTINGS, 64, args.manifest or fmnist, root, tracking, client)
+        if "precision" in parts:
+            report["precision"] = alternate(PRECISION_SETTINGS, 32, args.manifest or fmnist, root, tracking, client)
+            report["precision"]["cpu_flags"] = cpu_bf16_flags()
         if "tokenizer" in parts:
             report["tokenizer"] = tokenizer(root, tracking, client)
         if "memory" in parts:

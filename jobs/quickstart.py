@@ -22,6 +22,7 @@ from ecar import storage
 from ecar.config import USER_ERRORS, Config
 from ecar.log import get_logger
 from ecar.presets import get_config
+from ecar.runtime import cpu_bf16_flags
 from ecar.tracking import redact
 
 log = get_logger("ecar.jobs.quickstart")
@@ -103,7 +104,11 @@ def budget(scale: Scale, storage_root: str) -> dict[str, Any]:
 
 
 def quickstart_config(storage_root: str, scale: Scale, overrides: list[str]) -> Config:
+    """ecar-fmnist sized to `scale`, trained in bf16 (fp32 master weights) where the CPU computes
+    bf16 natively: 1.45x faster steps than fp32 on this machine (benchmarks/results/train.json)."""
     config = get_config("ecar-fmnist").override(budget(scale, storage_root))
+    if cpu_bf16_flags():
+        config = config.override({"train.precision": "bf16"})
     return config.override(overrides) if overrides else config
 
 

@@ -45,6 +45,14 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     return count
 
 
+def skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory op (a minute or more on a machine's
+    first run): only its inference all-reduce uses the op; ZeRO training reduces through gloo."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _deepspeed_safe_globals() -> list:
     """The few non-tensor classes DeepSpeed pickles into its checkpoints (0.19: checked on
     ZeRO-0/2/3 fp32 and bf16 checkpoints); a new one fails loudly instead of executing."""
@@ -79,6 +87,8 @@ class DeepSpeedBackend:
             for buffer in model.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.dtype)
+        if device.type == "cpu":
+            skip_shared_memory_op()
         module = LossModule(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,

@@ -85,10 +85,7 @@ def train_worker(arguments: dict[str, Any]) -> dict[str, str] | None:
 
     tracker = RankZeroTracker(arguments["tracking_uri"], arguments["mlflow_run_id"], rank)
     tracker.start_system_metrics()
-    tracker.set_phase(
-        "building the model and the DeepSpeed engine (a machine's first run also compiles "
-        "DeepSpeed's CPU op: 1-2 minutes)"
-    )
+    tracker.set_phase("building the model and the DeepSpeed engine")
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     backend = DeepSpeedBackend(build_model(config), config, device)
     ema = EMA(backend.ema_sources(), config.train.ema_decay)

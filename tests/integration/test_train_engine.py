@@ -288,3 +288,35 @@ def test_two_workers_bf16_ema_follows_the_masters_and_their_state_resumes_on_one
         f"ZeRO-2 bf16, 2 workers: EMA vs fp32 masters 0.0; bf16-fed EMA differs by {fed_from_bf16:.3g}; "
         f"2 -> 1 worker resume, next step's masters differ by {after_resume:.3g}"
     )
+
+
+def test_a_cpu_engine_starts_without_compiling_deepspeeds_shared_memory_op(tmp_path):
+    """A fresh interpreter (DeepSpeed's communication backend is built once per process) with an
+    empty extensions folder: the engine trains a step and nothing was compiled into the folder."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import os, torch, torch.distributed as dist
+import deepspeed.comm.comm as ds_comm
+from ecar.models import build_model
+from ecar.presets import get_config
+from ecar.train.engine import DeepSpeedBackend
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+config = get_config("ecar-debug", ["train.num_workers=1", "train.global_batch_size=4", "train.micro_batch_size=4"])
+backend = DeepSpeedBackend(build_model(config), config, torch.device("cpu"))
+loss = backend.forward(torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,)), torch.Generator().manual_seed(0))["loss"]
+backend.backward(loss, boundary=True)
+backend.step(1e-3)
+assert ds_comm.cdb.shm_comm_op is None
+print("trained a step, loss", float(loss))
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained a step" in done.stdout
+    built = list((tmp_path / "extensions").rglob("*")) if (tmp_path / "extensions").exists() else []
+    assert built == [], built
