@@ -46,12 +46,12 @@ class Scale:
     validate: bool = False  # held-out loss every ~1/15 of the run (512 latents of the test split)
 
 
-# `default` is sized for ~15 minutes on 2 CPU cores: 8,000 images per split, a short tokenizer
-# run, 300 E-CAR steps at batch 32 and FID on 500 samples. It shows the whole system working;
-# the models it trains are far from converged (benchmarks/headline.py trains for real).
+# `default` is sized for under 15 minutes on 2 CPU cores: 5,000 images per split, a short
+# tokenizer run, 200 E-CAR steps at batch 32 and FID on 400 samples. It shows the whole system
+# working; the models it trains are far from converged (benchmarks/headline.py trains for real).
 SCALES = {
     "default": Scale(
-        images_per_split=8000, tokenizer_steps=250, train_steps=300, batch_size=32, samples=500, latency_batches=(1, 16)
+        images_per_split=5000, tokenizer_steps=200, train_steps=200, batch_size=32, samples=400, latency_batches=(1, 16)
     ),
     "full": Scale(
         images_per_split=None,
