@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded defaults: Fashion-MNIST -> tokenizer -> latents -> E-CAR on
 Ray Train + DeepSpeed -> samples -> FID, everything tracked in the local MLflow store.
 
-    python -m jobs.quickstart                        # 17-23 minutes on 2 CPU cores, outputs/quickstart
+    python -m jobs.quickstart                        # ~14 minutes on 2 CPU cores, outputs/quickstart
     python -m jobs.quickstart --scale full           # the whole data set, 2,000 steps, FID-2k: hours on CPU
     python -m jobs.quickstart --storage s3://bucket/ecar-quickstart   # the same code on object storage
 
