@@ -25,7 +25,7 @@ streaming latent reader + MLflow), written to benchmarks/results/train.json.
 
     python benchmarks/train.py [throughput] [memory]     # both: ~10 minutes on 2 cores
     python benchmarks/train.py threads --manifest outputs/headline/latents
-    python benchmarks/train.py precision --manifest outputs/quickstart/latents
+    python benchmarks/train.py precision --manifest outputs/headline/latents
     python benchmarks/train.py tokenizer                 # ~8 minutes
 """
 
