@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import headline  # noqa: E402  (the headline's budget, paths and parts)
 from headline import Variant  # noqa: E402
 
-from ecar import storage  # noqa: E402
 from ecar.config import USER_ERRORS, Config  # noqa: E402
 from ecar.presets import get_config  # noqa: E402
 
@@ -89,12 +88,6 @@ def ablation_configs(paths: headline.Paths, scale: headline.Scale, names: list[s
     return {name: get_config("ecar-fmnist", {**shared, **ABLATIONS[name][1]}) for name in names}
 
 
-def headline_rows(paths: headline.Paths) -> dict[str, dict[str, Any]]:
-    """Every scored row under the root (the headline's and the ablations'), by variant name."""
-    rows = [json.loads(storage.read_text(p)) for p in storage.list_files(storage.join(paths.root, "metrics"), ".json")]
-    return {row["variant"]: row for row in rows if "fid" in row}
-
-
 def table(rows: dict[str, dict[str, Any]], names: list[str], threshold: float) -> list[dict[str, Any]]:
     """One line per headline E-CAR row and ablation that has metrics, then the best flow-DiT row,
     each judged against E-CAR's default: better, worse, or a tie within `threshold` (the seed noise)."""
@@ -141,7 +134,7 @@ def summary_lines(lines: list[dict[str, Any]], threshold: float) -> list[str]:
 
 
 def report(paths: headline.Paths, names: list[str], results: Path) -> dict[str, Any]:
-    rows = headline_rows(paths)
+    rows = paths.scored_rows()
     if "ecar" not in rows:
         raise FileNotFoundError(f"no E-CAR metrics under {paths.root}: run headline.py's evaluate part first")
     threshold = headline.seed_noise(rows, headline.between_seeds(paths, rows))["tie_threshold"]

@@ -155,6 +155,47 @@ def before_after_lines(found: dict) -> list[str]:
     ]
 
 
+def findings(found: dict, threshold: float, recall_noise: float | None = None) -> list[str]:
+    """Issue 17's bar in words: E-CAR's within-class spread and recall against the flow-DiT
+    reference, and each of E-CAR's sampling changes against its default. A change meets the bar
+    when its recall is at least the flow-DiT's and its FID within the seed noise of the default's;
+    a recall change within `recall_noise` (the default's spread between two seeds) is marked so."""
+    if "ecar" not in found or REFERENCE not in found:
+        return []
+    ecar, dit = found["ecar"], found[REFERENCE]
+    lines = ["", "**What it shows.**"]
+    if "within_class_spread" in ecar and "within_class_spread" in dit:
+        spread, reference = ecar["within_class_spread"], dit["within_class_spread"]
+        lines.append(
+            f"- Within a class, E-CAR's samples are {'at least as' if spread >= reference else 'less'} varied as "
+            f"the flow-DiT's: spread {spread:.3f} against {reference:.3f}."
+        )
+    lines.append(
+        f"- Recall: E-CAR {ecar['recall']:.3f} against the flow-DiT's {dit['recall']:.3f} "
+        f"({ecar['recall'] / dit['recall']:.2f}x), at FID {ecar['fid']:.2f} against {dit['fid']:.2f}"
+        + (f"; E-CAR's recall moves by {recall_noise:.3f} between two sampling seeds." if recall_noise else ".")
+    )
+    changes = [name for name in found if name.startswith("ecar+")]
+    meeting = []
+    for name in changes:
+        row = found[name]
+        meets = row["recall"] >= dit["recall"] and row["fid"] <= ecar["fid"] + threshold
+        meeting += [name] if meets else []
+        change = row["recall"] - ecar["recall"]
+        within = recall_noise is not None and abs(change) <= recall_noise
+        lines.append(
+            f"- {name}: recall {row['recall']:.3f} ({change:+.3f}{', within the seed noise' if within else ''}), "
+            f"FID {row['fid']:.2f} ({row['fid'] - ecar['fid']:+.2f}), "
+            f"spread {row.get('within_class_spread', float('nan')):.3f}."
+        )
+    if changes:
+        lines.append(
+            f"- Meets the bar (recall at least the flow-DiT's, FID within {threshold:.2f} of the default's): "
+            f"{', '.join(meeting) or 'none'}."
+        )
+    return lines
+
+
 def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dict:
     found = paths.read_metrics(v.name for v in variants)
     first = next(iter(found.values()))
@@ -173,8 +214,15 @@ def report(variants: list[Variant], paths: headline.Paths, results: Path) -> dic
         *headline.markdown_table(COLUMNS, found.values()),
     ]
     result["noise"] = noise(paths)
+    result["tie_threshold"] = headline.seed_noise(paths.scored_rows(), {})["tie_threshold"]
+    result["not_measured"] = [v.name for v in rows() if v.name not in found]
     lines += noise_lines(result["noise"], result["samples"])
     lines += before_after_lines(found)
+    second = result["noise"].get(f"ecar/seed{headline.SEED_ROW_SEED}")
+    recall_noise = abs(second["recall"] - found["ecar"]["recall"]) if second and "ecar" in found else None
+    lines += findings(found, result["tie_threshold"], recall_noise)
+    if result["not_measured"]:
+        lines += ["", f"**Not measured yet** (the run is under way): {', '.join(result['not_measured'])}."]
     results.mkdir(parents=True, exist_ok=True)
     (results / "diversity.json").write_text(json.dumps(result, indent=2))
     (results / "diversity.md").write_text("\n".join(lines) + "\n")

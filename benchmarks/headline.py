@@ -164,6 +164,13 @@ class Paths:
             if storage.exists(self.metrics(name))
         }
 
+    def scored_rows(self) -> dict[str, dict[str, Any]]:
+        """Every scored row under the root (the headline's, the ablations' and the diversity
+        study's), by variant name."""
+        files = storage.list_files(storage.join(self.root, "metrics"), ".json")
+        rows = [json.loads(storage.read_text(file)) for file in files]
+        return {row["variant"]: row for row in rows if "fid" in row}
+
 
 def results_dir(root: str, given: Path | None) -> Path:
     """Where a study on the headline's models reports: `given`, else benchmarks/results for the
