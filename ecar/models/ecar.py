@@ -109,15 +109,8 @@ class ECAR(ClassConditional):
         batch = latents_BCHW.shape[0]
         chained = self.config.model.ar_next_input == "noisy_end"
         starts, ends, taus = [], [], []
-        for s, (start, end) in enumerate(layout.windows):
-            if chained and s > 0 and start > 0.0:
-                start_state = flow.upsample_and_renoise(ends[-1], layout.grids[s], layout.ends[s - 1], start, generator)
-                noise = flow.start_noise(start_state, maps[s - 1], start)
-                end_state = end * maps[s] + (1.0 - end) * noise
-            else:
-                noise = flow.gaussian(tuple(maps[s].shape), generator, latents_BCHW.device, latents_BCHW.dtype)
-                previous = maps[s - 1] if s > 0 else None
-                start_state, end_state = flow.stage_endpoints(maps[s], previous, noise, start, end)
+        for s in range(layout.num_stages):  # each stage's noise, then its times: one seeded stream
+            start_state, end_state = self.stage_path(s, maps, ends, generator)
             starts.append(start_state)
             ends.append(end_state)
             taus.append(self.sample_tau(batch, latents_BCHW.device, generator))
@@ -131,6 +124,23 @@ class ECAR(ClassConditional):
             stage_losses.append(F.mse_loss(velocity, flow.velocity_target(starts[s], ends[s])))
         return self.weighted_total(stage_losses)
 
+    def stage_path(
+        self, s: int, maps: list[torch.Tensor], ends: list[torch.Tensor], generator: flow.Generators = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage `s`'s training path towards the token map `maps[s]`: (start state, end state),
+        given the end states `ends` of the stages before it. With the AR fed the noisy end state,
+        the stage starts from the previous end state, up-sampled and re-noised as the sampler
+        does, and ends on the same noise."""
+        start, end = self.layout.windows[s]
+        if self.config.model.ar_next_input == "noisy_end" and s > 0 and start > 0.0:
+            start_state = flow.upsample_and_renoise(
+                ends[s - 1], self.layout.grids[s], self.layout.ends[s - 1], start, generator
+            )
+            noise = flow.start_noise(start_state, maps[s - 1], start)
+            return start_state, end * maps[s] + (1.0 - end) * noise
+        noise = flow.gaussian(tuple(maps[s].shape), generator, maps[s].device, maps[s].dtype)
+        return flow.stage_endpoints(maps[s], maps[s - 1] if s > 0 else None, noise, start, end)
+
     @torch.no_grad()
     def iter_stages(
         self,
@@ -139,17 +149,23 @@ class ECAR(ClassConditional):
         generator: flow.Generators = None,
         steps_per_stage: tuple[int, ...] | None = None,
         use_cache: bool = True,
+        given_ends: list[torch.Tensor] | tuple = (),
     ) -> Iterator[StageResult]:
         """Run the stages one by one, yielding after each (FLOP accounting counts per stage).
 
         `use_cache=False` re-runs the AR over the whole prefix with the block-causal mask at
         every stage instead of the KV cache (same result, more work; a reference for tests).
+        `given_ends`: end states of the first stages to take instead of generating them (the
+        per-stage diagnostic gives those of real latents, from `stage_path`); the AR reads them
+        as it reads generated ones. Only with the AR fed the noisy end state.
         """
         sampling = sampling or self.config.sampling
         steps = steps_per_stage or self.config.flow.steps_per_stage
         layout, model = self.layout, self.config.model
         if len(steps) != layout.num_stages:
             raise ValueError(f"steps_per_stage {list(steps)} needs one entry per stage ({layout.num_stages})")
+        if given_ends and model.ar_next_input != "noisy_end":
+            raise ValueError("given_ends needs model.ar_next_input='noisy_end' (the AR reads the end states)")
         batch, device = labels_B.shape[0], labels_B.device
         dtype = self.flow.patch_embed.weight.dtype
         scales = [
@@ -175,11 +191,13 @@ class ECAR(ClassConditional):
             def network(x_in, t_in, rows, s=s, condition=condition):
                 return self.stage_velocity(s, x_in, t_in, condition if rows is None else condition.rows(rows))
 
-            x, velocity = integrate(network, x, start, end, scales[s])
-            if model.ar_next_input == "clean_estimate":
-                clean = flow.clean_estimate(x, velocity, start, end, previous_up)
+            if s < len(given_ends):
+                x = clean = given_ends[s]
             else:
+                x, velocity = integrate(network, x, start, end, scales[s])
                 clean = x
+                if model.ar_next_input == "clean_estimate":
+                    clean = flow.clean_estimate(x, velocity, start, end, previous_up)
             yield StageResult(stage=s, end_state=x, clean=clean)
             if s + 1 < layout.num_stages:
                 previous_up = flow.upsample(clean, layout.grids[s + 1])

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from ecar import flow
 from ecar.models import ECAR, FlowDiT, build_model
 from ecar.presets import get_config
 
@@ -192,3 +193,32 @@ def test_flow_positions_are_in_units_of_the_finest_token_grid(grids):
     expected = torch.cat([torch.zeros_like(frequencies).sin(), torch.zeros_like(frequencies).cos(),
                           frequencies.sin(), frequencies.cos()]).float()  # fmt: skip
     assert torch.allclose(first_row, expected, atol=1e-6)
+
+
+def test_given_end_states_replace_the_first_stages_and_condition_the_rest():
+    """The per-stage diagnostic (benchmarks/stages.py): stages given real end states, built as
+    training builds them, are taken as they are; the stages after them read them through the AR."""
+    model = tiny(["model.ar_next_input=noisy_end", "model.ar_depth=2"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    maps = flow.token_maps(latents, model.layout.grids)
+    ends = []
+    for s in range(model.layout.num_stages - 1):
+        ends.append(model.stage_path(s, maps, ends, torch.Generator().manual_seed(2))[1])
+
+    def run(given):
+        return [
+            r.end_state
+            for r in model.iter_stages(labels(), generator=torch.Generator().manual_seed(3), given_ends=given)
+        ]
+
+    plain, none_given = run(()), run([])
+    one, two = run(ends[:1]), run(ends[:2])
+    assert all(torch.equal(a, b) for a, b in zip(plain, none_given))
+    assert torch.equal(one[0], ends[0]) and torch.equal(two[0], ends[0]) and torch.equal(two[1], ends[1])
+    # what follows a given stage is generated from it, not from the sampler's own stage
+    assert not torch.allclose(one[1], plain[1]) and not torch.allclose(two[2], one[2])
+    with pytest.raises(ValueError, match="noisy_end"):
+        next(tiny(["model.ar_next_input=clean_estimate"]).iter_stages(labels(), given_ends=ends[:1]))
