@@ -37,7 +37,7 @@ COLUMNS = [
 
 
 def stage_rows(paths: headline.Paths, images: int, batch: int = 50, seed: int = 0) -> dict:
-    """Images of every k (stages given) and of the tokenizer floor, in [-1, 1], with their labels."""
+    """Images of every k (stages given) and of the tokenizer floor, in [-1, 1], and the config."""
     import torch
 
     from ecar import flow
@@ -65,7 +65,7 @@ def stage_rows(paths: headline.Paths, images: int, batch: int = 50, seed: int = 
                 out[f"k={k}"].append(decode(last.end_state / scale))
             out["tokenizer"].append(decode(latents[part] / scale))
         print(f"{time.strftime('%H:%M:%S')} stages: {min(first + batch, images)}/{images} images", flush=True)
-    return {"images": {name: torch.cat(parts) for name, parts in out.items()}, "labels": labels, "config": config}
+    return {"images": {name: torch.cat(parts) for name, parts in out.items()}, "config": config}
 
 
 def report(rows: dict, paths: headline.Paths, images: int, results: Path) -> dict:

@@ -232,17 +232,22 @@ def test_the_whole_optimizer_state_restores_the_next_step_exactly(process_group,
         assert torch.equal(module[name], parameter), name
 
 
-def _two_worker_run(rank, world_size, port, folder, mode):
-    """One rank of a gloo group (spawned): ZeRO-2 bf16 for 3 steps with the EMA checked against
-    the fp32 masters ("save", which also writes the whole optimizer state), or loading that state
-    ("load"); then one more step, whose fp32 masters rank 0 writes to `folder/mode-world.pt`."""
+def _join_gloo_group(rank, world_size, port):
+    """Join a gloo group on loopback from a spawned process, as Ray Train's workers do."""
     import os
-
-    from safetensors.torch import load_file, save_file
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def _two_worker_run(rank, world_size, port, folder, mode):
+    """One rank of a gloo group (spawned): ZeRO-2 bf16 for 3 steps with the EMA checked against
+    the fp32 masters ("save", which also writes the whole optimizer state), or loading that state
+    ("load"); then one more step, whose fp32 masters rank 0 writes to `folder/mode-world.pt`."""
+    from safetensors.torch import load_file, save_file
+
+    _join_gloo_group(rank, world_size, port)
     config = _config("train.zero_stage=2", "train.precision=bf16", f"train.num_workers={world_size}")
     backend = _deepspeed(config)
     mine = rank_streams(rank, world_size, stream_count(config.train))
@@ -290,33 +295,27 @@ def test_two_workers_bf16_ema_follows_the_masters_and_their_state_resumes_on_one
     )
 
 
-def test_a_cpu_engine_starts_without_compiling_deepspeeds_shared_memory_op(tmp_path):
-    """A fresh interpreter (DeepSpeed's communication backend is built once per process) with an
-    empty extensions folder: the engine trains a step and nothing was compiled into the folder."""
-    import os
-    import subprocess
-    import sys
+def _one_step_on_a_fresh_engine(rank, port):
+    """A spawned process's first DeepSpeed engine (the communication backend is built once per
+    process): one training step, and no shared-memory op behind it."""
+    import deepspeed.comm.comm as ds_comm
 
-    script = f"""
-import os, torch, torch.distributed as dist
-import deepspeed.comm.comm as ds_comm
-from ecar.models import build_model
-from ecar.presets import get_config
-from ecar.train.engine import DeepSpeedBackend
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}", RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-dist.init_process_group("gloo", rank=0, world_size=1)
-config = get_config("ecar-debug", ["train.num_workers=1", "train.global_batch_size=4", "train.micro_batch_size=4"])
-backend = DeepSpeedBackend(build_model(config), config, torch.device("cpu"))
-loss = backend.forward(torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,)), torch.Generator().manual_seed(0))["loss"]
-backend.backward(loss, boundary=True)
-backend.step(1e-3)
-assert ds_comm.cdb.shm_comm_op is None
-print("trained a step, loss", float(loss))
-"""
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "trained a step" in done.stdout
-    built = list((tmp_path / "extensions").rglob("*")) if (tmp_path / "extensions").exists() else []
+    _join_gloo_group(rank, 1, port)
+    backend = _deepspeed(_config("train.global_batch_size=4"))
+    latents, labels = next(_data(0))
+    backend.backward(backend.forward(latents, labels, torch.Generator().manual_seed(0))["loss"], boundary=True)
+    backend.step(1e-3)
+    assert ds_comm.cdb.shm_comm_op is None
+    dist.destroy_process_group()
+
+
+def test_a_cpu_engine_starts_without_compiling_deepspeeds_shared_memory_op(tmp_path, monkeypatch):
+    """A fresh interpreter with an empty extensions folder: the engine trains a step and nothing
+    was compiled into the folder."""
+    import torch.multiprocessing as mp
+
+    extensions = tmp_path / "extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    mp.spawn(_one_step_on_a_fresh_engine, args=(free_port(),), nprocs=1)
+    built = list(extensions.rglob("*")) if extensions.exists() else []
     assert built == [], built
