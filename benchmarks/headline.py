@@ -25,8 +25,12 @@ it is a tie).
 Parts: data (images, tokenizer, latents), train, sample, evaluate (with the floors and the seed
 rows), report. Each skips what is finished (the model's export.json, the variant's samples
 manifest.json, its metrics JSON), and training resumes from its latest checkpoint, so a killed
-run re-run completes exactly the rest. FID over a few thousand images is biased upwards against
-FID-50k: compare only numbers measured with the same N (recorded in every output).
+run re-run completes exactly the rest. What is finished is reused only for what made it: an
+export trained under other settings than the preset and overrides give now, or samples and
+metrics of another export or schedule, stop the run with the path to delete.
+
+FID over a few thousand images is biased upwards against FID-50k: compare only numbers measured
+with the same N (recorded in every output).
 """
 
 from __future__ import annotations
@@ -239,11 +243,49 @@ def prepare_data(config: Config, paths: Paths, scale: Scale) -> None:
     encode_latents(config, paths.images, paths.manifest)
 
 
+# ----- what is finished is reused only for what it was made of -----------------------------------
+def check_export(config: Config, paths: Paths, model: str) -> None:
+    """Refuse an export trained under other settings than `config` asks for now (a changed
+    preset default or ablation would otherwise keep the old model, and the rows sampled from it)."""
+    from ecar.export import read_config, read_metadata
+    from ecar.train.preflight import training_changes
+
+    export = paths.export(model)
+    changes = training_changes(read_config(export), config)
+    step = read_metadata(export)["step"]
+    if step != config.train.steps:
+        changes.append(f"train.steps: {step} -> {config.train.steps}")
+    if changes:
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        raise ValueError(
+            f"train {model}: {export} was trained with another {changes[0]}{more}; delete "
+            f"{storage.join(paths.root, 'runs', model)} and the samples and metrics of its rows to train it anew"
+        )
+
+
+def check_current(recorded: dict[str, Any], variant: Variant, paths: Paths, where: str) -> None:
+    """Refuse samples or metrics (`recorded`, read from `where`) made from another export or
+    schedule than the variant's now: a retrained model must not keep its old rows."""
+    from ecar.export import read_metadata
+
+    expected = {
+        "checkpoint_sha256": read_metadata(paths.export(variant.model))["content_sha256"],
+        "overrides": list(variant.overrides),
+    }
+    stale = [key for key, value in expected.items() if recorded.get(key) != value]
+    if stale:
+        raise ValueError(
+            f"{variant.name}: {where} was made with another {' and '.join(stale)} than {variant.model}'s "
+            f"current export and the row's overrides {list(variant.overrides)}; delete it to redo the row"
+        )
+
+
 def train_models(configs: dict[str, Config], models: list[str], paths: Paths, address: str | None) -> None:
     from jobs.train import train_job
 
     for model in models:
         if storage.exists(storage.join(paths.export(model), "export.json")):
+            check_export(configs[model], paths, model)
             log.info("train %s: exported already at %s", model, paths.export(model))
             continue
         log.info("train %s: %d steps", model, configs[model].train.steps)
@@ -252,11 +294,14 @@ def train_models(configs: dict[str, Config], models: list[str], paths: Paths, ad
 
 
 def sample_variants(variants: list[Variant], paths: Paths, num_images: int, actors: int) -> None:
-    from ecar.sampler import sample_to_storage
+    from ecar.sampler import read_samples_manifest, sample_to_storage
 
     for variant in variants:
         out = paths.samples(variant.name)
-        if not variant.sample or storage.exists(storage.join(out, "manifest.json")):
+        if not variant.sample:
+            continue
+        if storage.exists(storage.join(out, "manifest.json")):
+            check_current(read_samples_manifest(out), variant, paths, out)
             continue
         log.info(
             "sample %s: %d images with %s", variant.name, num_images, list(variant.overrides) or "the default schedule"
@@ -285,14 +330,18 @@ def evaluate_variants(variants: list[Variant], paths: Paths, num_images: int) ->
     `num_images` test images, and FLOPs per image (latency is measured side by side later)."""
     from ecar.evaluation.evaluate import evaluate_samples, sampling_cost
     from ecar.export import read_metadata
+    from ecar.sampler import read_samples_manifest
 
     for variant in variants:
         target = paths.metrics(variant.name)
         if storage.exists(target):
+            check_current(json.loads(storage.read_text(target)), variant, paths, target)
             continue
         config, metadata = variant_config(variant, paths), read_metadata(paths.export(variant.model))
         if variant.sample:
-            metrics = evaluate_samples(paths.samples(variant.name), paths.manifest, "test", num_images, ())
+            samples = paths.samples(variant.name)
+            check_current(read_samples_manifest(samples), variant, paths, samples)
+            metrics = evaluate_samples(samples, paths.manifest, "test", num_images, ())
             metrics.update({"samples": num_images, "reference_images": metrics["real_images"]})
         else:
             metrics = {
@@ -306,6 +355,7 @@ def evaluate_variants(variants: list[Variant], paths: Paths, num_images: int) ->
                 "model": variant.model,
                 "preset": config.preset,
                 "overrides": list(variant.overrides),
+                "checkpoint_sha256": metadata["content_sha256"],
                 "params": parameter_count(config),
                 "train_steps": metadata["step"],
                 "global_batch_size": config.train.global_batch_size,
@@ -331,7 +381,7 @@ def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: in
     plus the FID between the two seeds' sample sets."""
     from ecar.evaluation.evaluate import images_to_unit, sample_features
     from ecar.evaluation.fid import feature_statistics, frechet_distance
-    from ecar.sampler import read_samples
+    from ecar.sampler import read_samples, read_samples_manifest
 
     chosen = [v for v in (next((v for v in variants if v.name == "ecar"), None), best_dit(variants, paths)) if v]
     seeds = [seed_variant(v) for v in chosen]
@@ -346,6 +396,7 @@ def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: in
     for first, second in zip(chosen, seeds):
         target = paths.metrics(f"{first.name}/between-seeds")
         if storage.exists(target):
+            check_current(json.loads(storage.read_text(target)), first, paths, target)
             continue
         features = [
             sample_features(
@@ -354,9 +405,12 @@ def seed_rows(variants: list[Variant], paths: Paths, num_images: int, actors: in
             for v in (first, second)
         ]
         fid = frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))
-        storage.write_text_atomic(
-            target, json.dumps({"variant": first.name, "fid_between_seeds": fid, "samples": num_images}, indent=2)
-        )
+        identity = {
+            "checkpoint_sha256": read_samples_manifest(paths.samples(first.name))["checkpoint_sha256"],
+            "overrides": list(first.overrides),
+        }
+        row = {"variant": first.name, "fid_between_seeds": fid, "samples": num_images, **identity}
+        storage.write_text_atomic(target, json.dumps(row, indent=2))
         log.info("seed noise %s: FID between seeds %.2f", first.name, fid)
 
 

@@ -260,10 +260,15 @@ def shard_keys(uri: str) -> set[str]:
         return set(data.files)
 
 
+def read_samples_manifest(output_uri: str) -> dict[str, Any]:
+    """The manifest of a finished sampling run: its export (`checkpoint_sha256`), overrides and shards."""
+    return json.loads(storage.read_text(storage.join(output_uri, "manifest.json")))
+
+
 def read_samples(output_uri: str, key: str = "images", limit: int | None = None) -> dict[str, np.ndarray]:
     """The shards of a finished sampling run, concatenated in index order: all of them, or the
     first ones that hold `limit` images (and only those images)."""
-    manifest = json.loads(storage.read_text(storage.join(output_uri, "manifest.json")))
+    manifest = read_samples_manifest(output_uri)
     parts: dict[str, list[np.ndarray]] = {}
     shards = manifest["shards"]
     if limit is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import statistics
 import time
 import uuid
@@ -33,7 +32,7 @@ from ecar.evaluation.fid import feature_statistics, frechet_distance, inception_
 from ecar.evaluation.manifold import precision_recall
 from ecar.export import load_exported
 from ecar.log import get_logger
-from ecar.sampler import read_samples, sampling_config
+from ecar.sampler import read_samples, read_samples_manifest, sampling_config
 from ecar.tracking import RegisteredExport
 
 log = get_logger(__name__)
@@ -232,7 +231,7 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """Metrics of a finished sampling run (see `ecar sample`) against the latent data set's real
     images: quality (FID, precision, recall) and cost (FLOPs and latency per image)."""
-    samples_manifest = json.loads(storage.read_text(storage.join(samples_uri, "manifest.json")))
+    samples_manifest = read_samples_manifest(samples_uri)
     if not samples_manifest.get("has_images"):
         raise ValueError(
             f"{samples_uri} holds latents only (its checkpoint names no latent manifest, "

@@ -154,6 +154,18 @@ def _matters(key: str) -> bool:
     return key not in OPERATIONAL_KEYS and not key.startswith(OPERATIONAL_PREFIXES)
 
 
+def config_changes(saved: Config, config: Config) -> list[str]:
+    """Every setting ("key: saved -> new") in which `config` differs from the `saved` one."""
+    old, new = saved.flat(), storage.with_absolute_root(config).flat()
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)]
+
+
+def training_changes(saved: Config, config: Config) -> list[str]:
+    """The changes between `saved` and `config` that change what a model learns (see
+    OPERATIONAL_KEYS): a checkpoint or export trained under `saved` is not one of `config`."""
+    return [change for change in config_changes(saved, config) if _matters(change.split(":", 1)[0])]
+
+
 def latest_checkpoint(run_uri: str, config: Config) -> str | None:
     """The checkpoint Ray Train resumes run `run_uri` from (its snapshot's latest), or None."""
     snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
@@ -177,9 +189,8 @@ def check_resume(config: Config, run_uri: str, source: ManifestSummary, allow_ch
         state = json.loads(storage.read_text(storage.join(checkpoint, ckpt.STATE_FILE), config.storage))
     except (FileNotFoundError, ValueError) as error:
         raise PreflightError(f"--name: the run's latest checkpoint {checkpoint} cannot be read: {error}") from None
-    old, new = saved.flat(), storage.with_absolute_root(config).flat()
-    changes = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)]
-    refused = [change for change in changes if _matters(change.split(":", 1)[0])]
+    changes = config_changes(saved, config)
+    refused = training_changes(saved, config)
     recorded = state.get("manifest_sha256", "")
     if recorded and recorded != source.manifest_sha256:
         refused.append(
