@@ -66,8 +66,17 @@ class StagesConfig:
     renoise_correction: bool = True
     # FlowAR-like ablation: every stage denoises from pure noise over [0, 1].
     full_window: bool = False
-    # Per-stage weights of the flow loss; None = equal.
+    # Per-stage weights of the flow loss, one per stage; None = the geometric rule below.
     loss_weights: tuple[float, ...] | None = None
+    # Without explicit weights, stage s weighs growth**s: 1 is equal; 2 gives 1, 2, 4 over three
+    # stages and 1, 2 over two (a rule, so that sweeps over the stage count keep it).
+    loss_weight_growth: float = 1.0
+
+    def stage_loss_weights(self) -> tuple[float, ...]:
+        """The weight of every stage's flow loss, as training uses them."""
+        if self.loss_weights is not None:
+            return tuple(self.loss_weights)
+        return tuple(self.loss_weight_growth**s for s in range(len(self.grids)))
 
 
 @dataclass(frozen=True)
@@ -463,6 +472,11 @@ def validate(config: Config) -> None:
             "stages.window_edges",
             f"{list(edges)} must be strictly increasing",
         )
+    _check(
+        math.isfinite(stages.loss_weight_growth) and stages.loss_weight_growth > 0,
+        "stages.loss_weight_growth",
+        "must be a positive number",
+    )
     if stages.loss_weights is not None:
         _check(
             len(stages.loss_weights) == len(grids), "stages.loss_weights", f"needs one weight per stage ({len(grids)})"

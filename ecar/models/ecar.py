@@ -46,7 +46,7 @@ class ClassConditional(nn.Module):
         )
 
     def weighted_total(self, stage_losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        weights = self.config.stages.loss_weights or (1.0,) * len(stage_losses)
+        weights = self.config.stages.stage_loss_weights()
         total = sum(w * loss for w, loss in zip(weights, stage_losses)) / sum(weights)
         result = {"loss": total}
         result.update({f"loss_stage{s}": loss.detach() for s, loss in enumerate(stage_losses)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from typing import Any
 
 from ecar import storage
 from ecar.config import Config
@@ -154,9 +155,18 @@ def _matters(key: str) -> bool:
     return key not in OPERATIONAL_KEYS and not key.startswith(OPERATIONAL_PREFIXES)
 
 
+def _as_trained(config: Config) -> dict[str, Any]:
+    """The flat settings, with the per-stage loss weights as training uses them: explicit
+    weights and the growth rule that gives the same weights are the same setting."""
+    flat = config.flat()
+    del flat["stages.loss_weight_growth"]
+    flat["stages.loss_weights"] = list(config.stages.stage_loss_weights())
+    return flat
+
+
 def config_changes(saved: Config, config: Config) -> list[str]:
     """Every setting ("key: saved -> new") in which `config` differs from the `saved` one."""
-    old, new = saved.flat(), storage.with_absolute_root(config).flat()
+    old, new = _as_trained(saved), _as_trained(storage.with_absolute_root(config))
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(new) if old.get(key) != new.get(key)]
 
 

@@ -63,6 +63,8 @@ def test_flat_names_every_leaf():
         ("sampling.guidance_interval=[0.8,0.2]", "sampling.guidance_interval"),
         ("train.steps=ten", "train.steps"),
         ("stages.full_window=maybe", "stages.full_window"),
+        ("stages.loss_weight_growth=0", "stages.loss_weight_growth"),
+        ("stages.loss_weights=[1,2]", "stages.loss_weights"),
         ("train.lr", "train.lr"),
     ],
 )

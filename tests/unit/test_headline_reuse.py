@@ -42,6 +42,18 @@ def test_an_export_is_reused_for_its_own_settings_and_operational_changes(setup)
     headline.check_export(config.override({"train.log_every": 3, "train.cpus_per_worker": 2.0}), paths, "ecar")
 
 
+def test_the_same_loss_weights_spelled_by_the_rule_or_the_list_are_one_setting(tmp_path):
+    paths = headline.Paths.under(str(tmp_path))
+    listed = get_config("ecar-debug", {"storage.root": str(tmp_path), "train.steps": STEPS})
+    listed = listed.override({"stages.loss_weights": [1.0, 2.0, 4.0]})
+    train(paths, listed)
+    headline.check_export(
+        listed.override({"stages.loss_weights": None, "stages.loss_weight_growth": 2.0}), paths, "ecar"
+    )
+    with pytest.raises(ValueError, match=r"stages.loss_weights: \[1.0, 2.0, 4.0\] -> \[1.0, 1.0, 1.0\]"):
+        headline.check_export(listed.override({"stages.loss_weights": None}), paths, "ecar")
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [({"model.ar_depth": 3}, "model.ar_depth: 1 -> 3"), ({"train.steps": STEPS * 2}, "train.steps: 7 -> 14")],

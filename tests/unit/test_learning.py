@@ -165,6 +165,25 @@ def test_stage_loss_weights_select_what_trains(weights, trained):
     assert float(equal["loss"]) == pytest.approx(sum(float(equal[f"loss_stage{s}"]) for s in range(3)) / 3)
 
 
+def test_ecar_fmnist_trains_its_last_stage_hardest_for_any_stage_count():
+    """The preset's loss weights 1, 2, 4 (the headline's ablation): the total is that weighted mean
+    of the stage losses; the rule carries over to other stage counts (sweeps, ablations), and
+    explicit weights win over it."""
+    config = get_config("ecar-fmnist")
+    assert config.stages.stage_loss_weights() == (1.0, 2.0, 4.0)
+    two = config.override({"stages.grids": [8, 16], "flow.steps_per_stage": [10, 10]})
+    assert two.stages.stage_loss_weights() == (1.0, 2.0)
+    assert config.override({"stages.loss_weights": [1, 1, 1]}).stages.stage_loss_weights() == (1.0, 1.0, 1.0)
+    assert get_config("ecar-debug").stages.stage_loss_weights() == (1.0, 1.0, 1.0)  # the rule's default: equal
+
+    torch.manual_seed(0)
+    model = build_model(get_config("ecar-debug", ["stages.loss_weight_growth=2"]))
+    latents, labels = torch.randn(8, 4, 8, 8), torch.randint(0, 10, (8,))
+    losses = model.loss(latents, labels, torch.Generator().manual_seed(0))
+    stages = [float(losses[f"loss_stage{s}"]) for s in range(3)]
+    assert float(losses["loss"]) == pytest.approx((stages[0] + 2 * stages[1] + 4 * stages[2]) / 7)
+
+
 @pytest.mark.parametrize("mean", [-1.0, 0.0, 1.0])
 def test_logit_normal_time_sampling_shifts_the_training_times(mean):
     """The model's training times follow the configured distribution: logit-normal times have
