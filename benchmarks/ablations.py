@@ -8,7 +8,7 @@ fed the clean estimate (`ecar-clean`), its other schedules (steps per stage) and
 flow-DiT rows are reused from its metrics. A difference within the headline's seed noise is a tie.
 
     python benchmarks/ablations.py                     # after headline.py's data part; resumable
-    python benchmarks/ablations.py --ablations ecar-flow6 ecar-weights
+    python benchmarks/ablations.py --ablations ecar-long-first ecar-additive
     python benchmarks/ablations.py --parts report
 
 Writes benchmarks/results/ablations.json, ablations.md and ablations-grid.png (ROOT/results for
@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +33,38 @@ from ecar.config import USER_ERRORS, Config  # noqa: E402
 from ecar.presets import get_config  # noqa: E402
 
 PARTS = ("train", "sample", "evaluate", "report")
-# name -> (the choice it changes, the overrides of ecar-fmnist), in the order they are trained
-ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ecar-flow6": (
-        "depth split: AR 1 + flow 6 blocks (default 4 + 4; 3% fewer parameters)",
-        {"model.ar_depth": 1, "model.flow_depth": 6},
+
+
+@dataclass(frozen=True)
+class Ablation:
+    change: str  # the one choice it changes, in words
+    overrides: dict[str, Any]  # of ecar-fmnist
+    baseline: str = "ecar"  # the trained row it differs from by that choice alone
+
+
+EQUAL_WEIGHTS = {"stages.loss_weight_growth": 1.0}
+# name -> the ablation, in the order they are trained. `ecar-weights` (loss weights 1, 2, 4 against
+# equal ones) won and is the default since: the model trained before is `ecar-equal-weights`, and
+# the ablation run before that change (`ecar-flow6`) is judged against it.
+ABLATIONS: dict[str, Ablation] = {
+    "ecar-equal-weights": Ablation("equal per-stage loss weights (the default before; now 1, 2, 4)", EQUAL_WEIGHTS),
+    "ecar-flow6": Ablation(
+        "depth split: AR 1 + flow 6 blocks (default 4 + 4; 3% fewer parameters), equal loss weights",
+        {"model.ar_depth": 1, "model.flow_depth": 6, **EQUAL_WEIGHTS},
+        baseline="ecar-equal-weights",
     ),
-    "ecar-weights": (
-        "per-stage loss weights 1, 2, 4 (default equal)",
-        {"stages.loss_weights": [1.0, 2.0, 4.0]},
-    ),
-    "ecar-long-first": (
+    "ecar-long-first": Ablation(
         "window edges 0, .5, .75, 1: the 4x4 stage takes half the path (default even thirds)",
         {"stages.window_edges": [0.0, 0.5, 0.75, 1.0]},
     ),
-    "ecar-2stages": (
-        "two stages: grids 8, 16 with 10 + 10 steps (default three: 4, 8, 16)",
+    "ecar-2stages": Ablation(
+        "two stages: grids 8, 16 with 10 + 10 steps, loss weights 1, 2 (default three: 4, 8, 16)",
         {"stages.grids": [8, 16], "flow.steps_per_stage": [10, 10]},
     ),
-    "ecar-no-correction": (
-        "even windows without the re-noise correction (default corrected)",
-        {"stages.renoise_correction": False},
+    "ecar-no-correction": Ablation(
+        "even windows without the re-noise correction (default corrected)", {"stages.renoise_correction": False}
     ),
-    "ecar-additive": (
+    "ecar-additive": Ablation(
         "condition added to the flow's input tokens (default spatial adaLN; 14% fewer parameters)",
         {"model.condition_injection": "additive"},
     ),
@@ -78,21 +88,22 @@ COLUMNS = [
     ("precision", "{:.3f}"),
     ("recall", "{:.3f}"),
     ("classifier_score", "{:.2f}"),
-    ("fid_vs_ecar", "{:+.2f}"),
+    ("baseline", "{}"),
+    ("fid_vs_baseline", "{:+.2f}"),
     ("verdict", "{}"),
 ]
 
 
 def ablation_configs(paths: headline.Paths, scale: headline.Scale, names: list[str]) -> dict[str, Config]:
     shared = headline.budget(paths, scale)
-    return {name: get_config("ecar-fmnist", {**shared, **ABLATIONS[name][1]}) for name in names}
+    return {name: get_config("ecar-fmnist", {**shared, **ABLATIONS[name].overrides}) for name in names}
 
 
 def table(rows: dict[str, dict[str, Any]], names: list[str], threshold: float) -> list[dict[str, Any]]:
     """One line per headline E-CAR row and ablation that has metrics, then the best flow-DiT row,
-    each judged against E-CAR's default: better, worse, or a tie within `threshold` (the seed noise)."""
-    ecar = rows.get("ecar")
-    changes = {**HEADLINE_ROWS, **{name: ABLATIONS[name][0] for name in names}}
+    each judged against its baseline (E-CAR's default unless the ablation names another): better,
+    worse, or a tie within `threshold` (the seed noise)."""
+    changes = {**HEADLINE_ROWS, **{name: ABLATIONS[name].change for name in names}}
     dits = [name for name, row in rows.items() if row.get("model") == "dit" and "/seed" not in name]
     if dits:
         changes[min(dits, key=lambda name: rows[name]["fid"])] = "the best flow-DiT row (reference)"
@@ -107,15 +118,17 @@ def table(rows: dict[str, dict[str, Any]], names: list[str], threshold: float) -
             "params_m": row["params"] / 1e6,
             **{key: row[key] for key in ("sampling_gflops", "fid", "precision", "recall", "classifier_score")},
         }
-        if ecar is not None and name != "ecar":
-            line["fid_vs_ecar"] = row["fid"] - ecar["fid"]
-            line["verdict"] = headline.verdict(row["fid"], ecar["fid"], threshold)
+        baseline = ABLATIONS[name].baseline if name in ABLATIONS else "ecar"
+        if baseline in rows and name != "ecar":
+            line["baseline"] = baseline
+            line["fid_vs_baseline"] = row["fid"] - rows[baseline]["fid"]
+            line["verdict"] = headline.verdict(row["fid"], rows[baseline]["fid"], threshold)
         out.append(line)
     return out
 
 
 def summary_lines(lines: list[dict[str, Any]], threshold: float) -> list[str]:
-    """What the table says, in words: which changes beat E-CAR's default beyond the seed noise."""
+    """What the table says, in words: which changes beat their baseline beyond the seed noise."""
     judged = [line for line in lines if "verdict" in line and line["row"] in ABLATIONS]
     if not judged:
         return []
@@ -126,9 +139,9 @@ def summary_lines(lines: list[dict[str, Any]], threshold: float) -> list[str]:
         "",
         f"Seed noise (the FID spread between two sampling seeds of the same model): {threshold:.2f}; "
         "a difference within it is a tie.",
-        f"Better than E-CAR's default beyond the noise: {', '.join(better) or 'none'}; "
+        f"Better than their baseline beyond the noise: {', '.join(better) or 'none'}; "
         f"ties: {', '.join(ties) or 'none'}. Lowest FID of the ablations: {best['row']} "
-        f"({best['fid']:.2f}, {best['fid_vs_ecar']:+.2f}).",
+        f"({best['fid']:.2f}, {best['fid_vs_baseline']:+.2f} against {best['baseline']}).",
     ]
     return words
 
@@ -142,7 +155,7 @@ def report(paths: headline.Paths, names: list[str], results: Path) -> dict[str, 
     result = {
         **headline.report_header(__doc__.split("\n\n")[0], rows["ecar"]),
         "tie_threshold": threshold,
-        "ablations": {name: {"change": ABLATIONS[name][0], "overrides": ABLATIONS[name][1]} for name in names},
+        "ablations": {name: dataclasses.asdict(ABLATIONS[name]) for name in names},
         "rows": lines,
     }
     text = [
@@ -151,7 +164,8 @@ def report(paths: headline.Paths, names: list[str], results: Path) -> dict[str, 
         f"{result['date']}; every model trained {result['train_steps']} steps at batch "
         f"{result['global_batch_size']} on the headline's data; {result['samples']} samples per row on the same "
         f"(class, seed) rows, sampling seed 0; metrics against the first {result['reference_images']} test images. "
-        "`fid_vs_ecar`: the row's FID minus E-CAR's default (negative is better).",
+        "`fid_vs_baseline`: the row's FID minus its baseline's, the row it differs from by the one change "
+        "(negative is better).",
         "",
         *headline.markdown_table(COLUMNS, lines),
     ]

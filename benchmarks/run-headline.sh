@@ -5,9 +5,9 @@
 #   nohup benchmarks/run-headline.sh > outputs/logs/run-headline.log 2>&1 &
 #
 # 1. data, then E-CAR and the flow-DiT; 2. their rows (an interim report under
-# outputs/headline/interim); 3. E-CAR's guidance rows (issue 17); 4. the two ablations most likely
-# to explain a gap, then the flow-DiT's guidance row; 5. the headline's other models and rows, the
-# final report; 6. the remaining ablations; 7. the diversity report. ~15 hours on 2 CPU cores; logs under outputs/logs.
+# outputs/headline/interim); 3. the headline's other models (full window, clean estimate), all
+# rows, the final report; 4. the diversity study; 5. the design ablations; 6. the per-stage
+# diagnostic. ~15 hours on 2 CPU cores; logs under outputs/logs.
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p outputs/logs
 export RAY_memory_usage_threshold=${RAY_memory_usage_threshold:-0.98}
@@ -23,12 +23,8 @@ interim=outputs/headline/interim
 run benchmarks/headline.py --parts data train --models ecar dit >> outputs/logs/headline-train.log 2>&1
 run benchmarks/headline.py --parts sample evaluate report --models ecar dit --results-dir $interim \
     >> outputs/logs/headline-core.log 2>&1
-run benchmarks/diversity.py --variants ecar ecar+cfg1 ecar+ramp ecar+late dit@50 \
-    --results-dir $interim >> outputs/logs/diversity.log 2>&1
-run benchmarks/ablations.py --ablations ecar-flow6 ecar-weights --results-dir $interim >> outputs/logs/ablations.log 2>&1
-run benchmarks/diversity.py --variants ecar ecar+cfg1 ecar+ramp ecar+late dit@50 dit@50+cfg1 \
-    --results-dir $interim >> outputs/logs/diversity.log 2>&1
 run benchmarks/headline.py --parts train >> outputs/logs/headline-train.log 2>&1
 run benchmarks/headline.py --parts sample evaluate report >> outputs/logs/headline-sample.log 2>&1
-run benchmarks/ablations.py >> outputs/logs/ablations.log 2>&1
 run benchmarks/diversity.py >> outputs/logs/diversity.log 2>&1
+run benchmarks/ablations.py >> outputs/logs/ablations.log 2>&1
+run benchmarks/stages.py >> outputs/logs/stages.log 2>&1
